@@ -1,0 +1,32 @@
+"""Exceptions that describe a user's mistake or bad input.
+
+The command line catches :class:`UserError` and prints its message as one line with exit
+status 2, without a traceback. Anything else is a bug in this package and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import difflib
+from typing import Iterable
+
+
+class UserError(Exception):
+    """A mistake the user can fix: a bad option, a missing file, unreadable data."""
+
+
+class ConfigError(UserError):
+    """An unknown preset, an unknown or mistyped ``--set`` key, or an out-of-range value."""
+
+
+class DataError(UserError):
+    """A dataset that cannot be read: corrupt image, wrong shape, empty folder, ..."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, corrupt, truncated, not ours, or for another config."""
+
+
+def suggest(name: str, choices: Iterable[str]) -> str:
+    """Return ``" (did you mean 'x'?)"`` for the closest of ``choices``, or ``""``."""
+    close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.5)
+    return f" (did you mean '{close[0]}'?)" if close else ""

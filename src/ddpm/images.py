@@ -1,0 +1,31 @@
+"""The one place where images change representation.
+
+Outside the model, images are ``uint8`` arrays in NHWC layout (0..255). Inside, they are
+``float32`` tensors in NCHW layout scaled to [-1, 1] by ``x / 127.5 - 1`` (the official code's
+normalisation, spec section 8.3). ``to_uint8`` is its exact inverse on the 256 bin centres:
+it clips to [-1, 1] and rounds to the nearest integer, so ``to_uint8(to_model(u)) == u``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def to_model(images: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 [N, H, W, C] (0..255) -> float32 [N, C, H, W] in [-1, 1]."""
+    t = torch.as_tensor(images)
+    if t.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 images, got {t.dtype}")
+    if t.ndim != 4:
+        raise ValueError(f"expected images of shape [N, H, W, C], got {tuple(t.shape)}")
+    t = t.to(device) if device is not None else t
+    return t.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0).contiguous()
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float [N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C] numpy array (clip, round)."""
+    if x.ndim != 4:
+        raise ValueError(f"expected a tensor of shape [N, C, H, W], got {tuple(x.shape)}")
+    u = ((x.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+    return u.permute(0, 2, 3, 1).contiguous().cpu().numpy()
