@@ -29,3 +29,35 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
         raise ValueError(f"expected a tensor of shape [N, C, H, W], got {tuple(x.shape)}")
     u = ((x.detach().float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
     return u.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 1, pad_value: int = 255) -> np.ndarray:
+    """Tile uint8 [N, H, W, C] images into one uint8 [H', W', C] grid, ``nrow`` images per row.
+
+    ``nrow`` defaults to ceil(sqrt(N)). Empty cells and the padding are ``pad_value``.
+    """
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise ValueError(f"expected uint8 [N, H, W, C] images, got {images.dtype} {images.shape}")
+    n, h, w, c = images.shape
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    ncol_rows = int(np.ceil(n / nrow))
+    grid = np.full((ncol_rows * (h + pad) + pad, nrow * (w + pad) + pad, c), pad_value, dtype=np.uint8)
+    for k in range(n):
+        r, q = divmod(k, nrow)
+        y, x = pad + r * (h + pad), pad + q * (w + pad)
+        grid[y:y + h, x:x + w] = images[k]
+    return grid
+
+
+def save_grid(images: np.ndarray, path, nrow: int | None = None, scale: int = 1) -> None:
+    """Save uint8 [N, H, W, C] images as one PNG grid; ``scale`` enlarges small images (nearest)."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    grid = make_grid(images, nrow=nrow)
+    if scale > 1:
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    mode = "L" if grid.shape[2] == 1 else ("RGBA" if grid.shape[2] == 4 else "RGB")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid[..., 0] if mode == "L" else grid, mode=mode).save(path)
