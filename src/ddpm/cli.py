@@ -1,0 +1,212 @@
+"""The ``ddpm`` command line: ``train | sample | eval | convert | config``.
+
+Only this module parses arguments. Every handler validates its inputs before it writes
+anything; user mistakes raise :class:`ddpm.errors.UserError` and end as one line on stderr
+with exit status 2 (argparse's own errors are folded into the same one-line form).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+from .errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``ddpm sample: error: ...``) and exit status 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        raise SystemExit(EXIT_USER_ERROR)
+
+
+def _int_at_least(lo: int):
+    def parse(s: str) -> int:
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
+        return v
+    parse.__name__ = f"int>={lo}"
+    return parse
+
+
+def _float_at_least(lo: float):
+    def parse(s: str) -> float:
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number >= {lo}, got {s!r}") from None
+        if not v >= lo:
+            raise argparse.ArgumentTypeError(f"expected a number >= {lo}, got {s}")
+        return v
+    parse.__name__ = f"float>={lo}"
+    return parse
+
+
+_POS = _int_at_least(1)
+_NONNEG = _int_at_least(0)
+
+
+class _FMT(argparse.HelpFormatter):
+    """Appends '(default: X)' to every option whose help does not already state its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, [], argparse.SUPPRESS):
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _add_common_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, metavar="CKPT|RUN_DIR",
+                   help="checkpoint file, or a run folder (its latest checkpoint, EMA weights)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="network precision: bf16 autocast is much faster on CPUs with AMX and on GPUs")
+    p.add_argument("--batch-size", type=_POS, default=64, help="images per network call")
+    p.add_argument("--seed", type=_NONNEG, default=0, help="image k uses seed SEED+k (same image whatever the batch size)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="ddpm", description="Denoising Diffusion Probabilistic Models (Ho, Jain & Abbeel 2020): "
+                "train, sample, evaluate, convert.", formatter_class=_FMT)
+    p.add_argument("--version", action="version", version=f"ddpm {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    t = sub.add_parser("train", help="train a model from a preset", formatter_class=_FMT,
+                       description="Train a DDPM. Runs on one process, or under torchrun on many GPUs/nodes.")
+    t.add_argument("--preset", default=None,
+                   help="named config, see `ddpm config show` (default: digits, or the run's own config.json "
+                        "when resuming)")
+    t.add_argument("--data", default=None, metavar="SRC",
+                   help="digits, a cifar-10-python.tar.gz archive or folder, an image folder, or .npz/.npy "
+                        "(default: the preset's)")
+    t.add_argument("--out", default=None, metavar="RUN_DIR", help="run folder (default: runs/<preset>)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config value, e.g. --set train.lr=1e-4 --set model.dropout=0; repeatable")
+    t.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="continue from the newest good checkpoint in RUN_DIR (auto) or from a checkpoint file")
+    t.add_argument("--dry-run", action="store_true", help="print the resolved config and model size, then exit")
+    t.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("sample", help="draw samples from a checkpoint", formatter_class=_FMT,
+                       description="Sample with Algorithm 2 (ancestral) or DDIM. Writes uint8 NHWC arrays "
+                                   "under key arr_0 (the ADM evaluator's convention) and a PNG grid.")
+    _add_common_model_args(s)
+    s.add_argument("--n", type=_POS, default=64, help="number of images")
+    s.add_argument("--sampler", default="ancestral", choices=("ancestral", "ddim"), help="reverse process")
+    s.add_argument("--steps", type=_POS, default=None, help="number of reverse steps (default: all T; fewer "
+                   "steps respace the chain with trailing spacing)")
+    s.add_argument("--eta", type=_float_at_least(0.0), default=0.0, help="DDIM eta (0 = deterministic)")
+    s.add_argument("--out", default="samples.npz", metavar="FILE.npz", help="samples file")
+    s.add_argument("--grid", default=None, metavar="FILE.png", help="PNG grid of the first 64 samples "
+                   "(default: the --out path with .png)")
+    s.add_argument("--progressive", action="store_true",
+                   help="also write <out>_progressive.png: x0 predicted along the reverse process (Fig. 6)")
+    s.add_argument("--chains", action="store_true",
+                   help="also write <out>_chains.png: samples sharing x_T and noise until a split step (Fig. 7)")
+    s.add_argument("--interpolate", action="store_true",
+                   help="also write <out>_interpolation.png: two test images mixed at step t (Fig. 8/9)")
+    s.add_argument("--interp-t", type=_NONNEG, default=None, help="0-based step for --interpolate (default T/2)")
+    s.add_argument("--data", default=None, metavar="SRC", help="test images for --interpolate (default: the run's)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("eval", help="bits/dim, rate-distortion, FID/IS/KID, digits quality", formatter_class=_FMT)
+    esub = e.add_subparsers(dest="what", metavar="WHAT", parser_class=_Parser)
+    esub.required = True
+    for name, helptext in (("nll", "exact bits/dim: all T terms plus the prior (spec 5.5)"),
+                           ("rd", "rate-distortion curve (paper Table 4, Fig. 5) from the same pass")):
+        q = esub.add_parser(name, help=helptext, formatter_class=_FMT, description=helptext)
+        _add_common_model_args(q)
+        q.add_argument("--data", default=None, metavar="SRC", help="dataset (default: the run's)")
+        q.add_argument("--split", default="test", choices=("test", "train"), help="dataset split")
+        q.add_argument("--n", type=_POS, default=None, help="number of images (default: the whole split)")
+        q.add_argument("--out", default=f"{name}.json", metavar="FILE.json",
+                       help="results; rd also writes FILE.csv and FILE.png")
+        q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    f = esub.add_parser("fid", help="FID, IS and KID through torch-fidelity (optional extra 'fid')",
+                        formatter_class=_FMT)
+    f.add_argument("--ckpt", default=None, metavar="CKPT|RUN_DIR", help="model to sample from")
+    f.add_argument("--samples", default=None, metavar="NPZ|DIR", help="existing samples instead of a model")
+    f.add_argument("--ref", default=None, metavar="SRC", help="reference dataset (default: the run's)")
+    f.add_argument("--split", default="train", choices=("train", "test"), help="reference split (paper: train)")
+    f.add_argument("--n", type=_POS, default=50_000, help="number of samples (paper: 50,000)")
+    f.add_argument("--batch-size", type=_POS, default=256, help="images per network call")
+    f.add_argument("--seed", type=_NONNEG, default=0, help="first seed")
+    f.add_argument("--device", default=None, help="device")
+    f.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="network precision")
+    f.add_argument("--inception-weights", default=None, metavar="PATH", help="local Inception weights file")
+    f.add_argument("--cache-dir", default=None, help="where reference statistics are cached")
+    f.add_argument("--out", default="fid.json", metavar="FILE.json", help="results")
+    qd = esub.add_parser("quality", help="offline sample quality for the embedded digits (classifier features)",
+                         formatter_class=_FMT)
+    qd.add_argument("--ckpt", default=None, metavar="CKPT|RUN_DIR", help="model to sample from")
+    qd.add_argument("--samples", default=None, metavar="NPZ", help="existing samples instead of a model")
+    qd.add_argument("--n", type=_POS, default=500, help="number of samples to draw from --ckpt")
+    qd.add_argument("--batch-size", type=_POS, default=500, help="images per network call")
+    qd.add_argument("--seed", type=_NONNEG, default=0, help="first seed")
+    qd.add_argument("--device", default=None, help="device")
+    qd.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="network precision")
+    qd.add_argument("--out", default="quality.json", metavar="FILE.json", help="results")
+
+    c = sub.add_parser("convert", help="weights to and from diffusers' UNet2DModel", formatter_class=_FMT)
+    csub = c.add_subparsers(dest="direction", metavar="DIRECTION", parser_class=_Parser)
+    csub.required = True
+    cf = csub.add_parser("from-diffusers", help="diffusers UNet2DModel folder -> our checkpoint", formatter_class=_FMT)
+    cf.add_argument("src", metavar="DIR", help="folder with config.json and diffusion_pytorch_model.safetensors/.bin")
+    cf.add_argument("out", metavar="OUT", help="checkpoint file to write (.safetensors)")
+    ct = csub.add_parser("to-diffusers", help="our checkpoint -> diffusers folder", formatter_class=_FMT)
+    ct.add_argument("src", metavar="CKPT", help="checkpoint file or run folder")
+    ct.add_argument("out", metavar="DIR", help="folder to write (UNet2DModel.from_pretrained(DIR))")
+    ct.add_argument("--weights", default="ema", choices=("ema", "model"), help="which weights to export")
+
+    g = sub.add_parser("config", help="list presets or print one", formatter_class=_FMT)
+    gsub = g.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    gsub.required = True
+    gs = gsub.add_parser("show", help="list presets, or print one resolved config as JSON", formatter_class=_FMT)
+    gs.add_argument("--preset", default=None, help="preset to print (default: list all)")
+    gs.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                    help="override a value before printing")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from . import commands
+
+    handler = {
+        "train": commands.cmd_train,
+        "sample": commands.cmd_sample,
+        "eval": commands.cmd_eval,
+        "convert": commands.cmd_convert,
+        "config": commands.cmd_config,
+    }[args.command]
+    try:
+        handler(args)
+    except UserError as e:
+        sys.stderr.write(f"ddpm {args.command}: error: {_one_line(str(e))}\n")
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        sys.stderr.write(f"ddpm {args.command}: interrupted\n")
+        return 130
+    return 0
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(msg.split())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
