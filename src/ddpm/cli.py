@@ -67,8 +67,8 @@ class _FMT(argparse.HelpFormatter):
         return text
 
 
-def _add_common_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, metavar="CKPT|RUN_DIR",
+def _add_common_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--ckpt", required=required, metavar="CKPT|RUN_DIR",
                    help="checkpoint file, or a run folder (its latest checkpoint, EMA weights)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
@@ -129,7 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("nll", "exact bits/dim: all T terms plus the prior (spec 5.5)"),
                            ("rd", "rate-distortion curve (paper Table 4, Fig. 5) from the same pass")):
         q = esub.add_parser(name, help=helptext, formatter_class=_FMT, description=helptext)
-        _add_common_model_args(q)
+        _add_common_model_args(q, required=(name == "nll"))
+        if name == "rd":
+            q.add_argument("--from", dest="from_json", default=None, metavar="NLL.json",
+                           help="reuse the per-step terms saved by `ddpm eval nll` instead of a new pass")
         q.add_argument("--data", default=None, metavar="SRC", help="dataset (default: the run's)")
         q.add_argument("--split", default="test", choices=("test", "train"), help="dataset split")
         q.add_argument("--n", type=_POS, default=None, help="number of images (default: the whole split)")

@@ -200,9 +200,16 @@ def cmd_eval(args: argparse.Namespace) -> None:
               f"prior {result.prior_bpd:.2e}  L0 (decoder) {result.decoder_bpd:.4f}  rate L1..LT {result.rate_bpd:.4f}")
         print(f"wrote {out}")
     elif args.what == "rd":
+        from .evaluate.nll import NLLResult
         from .evaluate.rd import plot_rd, rate_distortion, save_rd
 
-        result, out, what = _nll(args)
+        if (args.ckpt is None) == (args.from_json is None):
+            raise UserError("give exactly one of --ckpt (run a new pass) or --from NLL.json (reuse one)")
+        if args.from_json is not None:
+            out = _check_suffix(args.out, ".json", "--out")
+            result, what = NLLResult.load(args.from_json), args.from_json
+        else:
+            result, out, what = _nll(args)
         rows = rate_distortion(result)
         csv, png = out.with_suffix(".csv"), out.with_suffix(".png")
         save_rd(rows, out, csv)
