@@ -7,8 +7,11 @@ optimizer's hyper-parameters, the data position) is JSON in the safetensors head
 key ``ddpm``. Nothing is ever unpickled, so loading cannot run code.
 
 Integrity. The header also stores ``sha256``: a digest over every tensor's name, dtype, shape
-and bytes, in sorted key order. :func:`load_checkpoint` recomputes it, so truncation or flipped
-bytes anywhere in the file are reported as such instead of producing silent garbage.
+and bytes, in sorted key order. :func:`load_checkpoint` recomputes it. The ``ddpm`` JSON itself
+is covered by a second digest, ``ddpm_sha256`` (a separate safetensors metadata entry), checked
+by :func:`read_meta`: a flipped digit in the step or the config keeps the JSON valid and would
+otherwise load silently. Truncation (the file is shorter than its header says), an empty file and
+pickles are recognised before safetensors parses anything, so each gets its own message.
 
 Atomicity. :func:`save_checkpoint` writes to a temporary file in the same folder, fsyncs it,
 renames it over the target and fsyncs the folder. A crash at any moment leaves either the old
@@ -32,6 +35,9 @@ from .errors import CheckpointError
 FORMAT = "ddpm-checkpoint"
 FORMAT_VERSION = 1
 _META_KEY = "ddpm"
+_META_DIGEST_KEY = "ddpm_sha256"
+# safetensors refuses headers above 100 MB; a larger length field means "not safetensors".
+_MAX_HEADER = 100_000_000
 
 
 def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -97,29 +103,85 @@ def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]
     header["format"] = FORMAT
     header["format_version"] = FORMAT_VERSION
     header["sha256"] = tensor_digest(cpu)
+    text = json.dumps(header)
     try:
-        payload = st_save(cpu, metadata={_META_KEY: json.dumps(header)})
+        payload = st_save(cpu, metadata={_META_KEY: text, _META_DIGEST_KEY: _text_digest(text)})
         atomic_write_bytes(path, payload)
     except OSError as e:
         raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; "
                               f"the previous checkpoint (if any) is intact") from None
 
 
+def _text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _sniff(head: bytes) -> str:
+    """What a file that is not safetensors probably is, for the error message."""
+    if head[:1] == b"\x80" or head[:2] in (b"(d", b"}q", b"]q", b"cc"):
+        return ("it looks like a Python pickle, which is never loaded because unpickling can run code; "
+                "convert it with `ddpm convert`")
+    if head[:4] == b"PK\x03\x04":
+        return ("it looks like a torch.save archive (a pickle), which is never loaded because unpickling "
+                "can run code; convert it with `ddpm convert`")
+    return "not a safetensors file"
+
+
+def _check_layout(path: Path) -> None:
+    """Reject empty, truncated and non-safetensors files with a message that says which.
+
+    A safetensors file is an 8-byte little-endian header length n, n bytes of JSON whose
+    tensors' ``data_offsets`` are relative to byte 8 + n, then the tensor bytes.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes): not a checkpoint, or a save that never completed")
+    with open(path, "rb") as f:
+        head = f.read(9)
+        n = int.from_bytes(head[:8].ljust(8, b"\0"), "little")
+        looks_safetensors = head[8:9] == b"{" and n <= _MAX_HEADER
+        if size < 9:
+            raise CheckpointError(f"{path}: truncated checkpoint ({size} bytes; a safetensors file starts with "
+                                  f"an 8-byte length and a JSON header)")
+        if not looks_safetensors:
+            raise CheckpointError(f"{path}: not a ddpm checkpoint ({_sniff(head)})")
+        if 8 + n > size:
+            raise CheckpointError(f"{path}: truncated or corrupt checkpoint: the header needs {8 + n} bytes, "
+                                  f"the file has {size}")
+        f.seek(8)
+        try:
+            entries = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in entries.items() if k != "__metadata__"), default=0)
+        except Exception:
+            return  # malformed header: safetensors reports it below
+    if 8 + n + end > size:
+        raise CheckpointError(f"{path}: truncated checkpoint: the header describes {8 + n + end} bytes, "
+                              f"the file has {size} (a partial copy or an interrupted write)")
+
+
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON header of a checkpoint, without reading (or verifying) its tensors."""
+    """The JSON header of a checkpoint, without reading (or verifying) its tensors.
+
+    The header's own digest is verified (cheap), so a changed step or config is caught here.
+    """
     path = Path(path)
     from safetensors import safe_open
 
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    _check_layout(path)
     try:
         with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get(_META_KEY)
+            header = f.metadata() or {}
     except Exception as e:  # safetensors raises several types for a malformed header
-        raise CheckpointError(f"{path}: not a ddpm checkpoint (not a readable safetensors file: {e})") from None
+        raise CheckpointError(f"{path}: corrupt or not a checkpoint (not a readable safetensors file: {e})") from None
+    raw = header.get(_META_KEY)
     if raw is None:
         raise CheckpointError(f"{path}: not a ddpm checkpoint (no '{_META_KEY}' header; "
                               f"for diffusers weights use `ddpm convert from-diffusers`)")
+    if header.get(_META_DIGEST_KEY) != _text_digest(raw):
+        raise CheckpointError(f"{path}: corrupt checkpoint header (header checksum "
+                              f"{'missing' if _META_DIGEST_KEY not in header else 'mismatch'}: flipped bytes)")
     try:
         meta = json.loads(raw)
     except json.JSONDecodeError:
