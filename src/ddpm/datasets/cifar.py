@@ -1,0 +1,173 @@
+"""CIFAR-10 from the official python archive, read without ever executing its pickles.
+
+``cifar-10-python.tar.gz`` (or its extracted ``cifar-10-batches-py/`` folder) holds Python 2
+pickles: ``data_batch_1`` .. ``data_batch_5`` (train, 5 x 10,000 images) and ``test_batch``
+(10,000), each a dict whose ``data`` entry is a uint8 array [N, 3072] in CHW order
+(1024 red, 1024 green, 1024 blue values, rows top to bottom). Labels are ignored (the paper's
+models are unconditional, spec section 8.3).
+
+A pickle can run any callable it names. :class:`SafeUnpickler` therefore resolves only the few
+globals numpy needs to rebuild an array (``_reconstruct``, ``ndarray``, ``dtype``,
+``_frombuffer``) and ``_codecs.encode`` restricted to latin-1 (how Python 3 protocol-2 pickles
+store bytes); any other global is refused with a :class:`DataError` before it is imported.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import DataError
+from .base import ArrayDataset, ImageDataset, one_line
+from .imageops import fit_array
+
+TRAIN_MEMBERS = tuple(f"data_batch_{k}" for k in range(1, 6))
+TEST_MEMBERS = ("test_batch",)
+FOLDER_NAME = "cifar-10-batches-py"
+_EXPECTED = "expected the CIFAR-10 python version (cifar-10-python.tar.gz or its cifar-10-batches-py folder)"
+
+
+def _latin1_encode(text, encoding="utf-8", errors="strict"):
+    """``_codecs.encode`` as protocol-2 pickles use it (str -> bytes via latin-1), nothing else."""
+    if not isinstance(text, str) or str(encoding).lower().replace("_", "-") not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r} is not allowed")
+    return text.encode("latin-1")
+
+
+def _numpy_globals() -> dict:
+    try:  # numpy >= 2 keeps these in numpy._core; old pickles still say numpy.core
+        from numpy._core import multiarray as ma, numeric as nu
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core import multiarray as ma, numeric as nu
+    allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+               ("_codecs", "encode"): _latin1_encode}
+    for mod in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(mod, "_reconstruct")] = ma._reconstruct
+    for mod in ("numpy.core.numeric", "numpy._core.numeric"):
+        allowed[(mod, "_frombuffer")] = nu._frombuffer
+    for mod in ("builtins", "__builtin__"):
+        for name, obj in (("dict", dict), ("list", list), ("tuple", tuple), ("bytes", bytes),
+                          ("bytearray", bytearray), ("str", str)):
+            allowed[(mod, name)] = obj
+    return allowed
+
+
+class SafeUnpickler(pickle.Unpickler):
+    """An unpickler that only rebuilds numpy arrays, dicts, lists, bytes and str."""
+
+    ALLOWED = _numpy_globals()
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"refers to '{module}.{name}', which is not allowed "
+                                         f"(only numpy arrays, dicts, lists, bytes and str are accepted)") from None
+
+    def persistent_load(self, pid):
+        raise pickle.UnpicklingError("uses persistent ids, which are not allowed")
+
+
+def safe_load(data: bytes, what: str) -> object:
+    """Unpickle ``data`` with :class:`SafeUnpickler`; any failure is a DataError naming ``what``."""
+    try:
+        return SafeUnpickler(io.BytesIO(data), encoding="bytes").load()
+    except Exception as exc:
+        raise DataError(f"cannot read '{what}': the pickle {one_line(exc)}; {_EXPECTED}") from None
+
+
+def _batch_images(obj: object, what: str) -> np.ndarray:
+    """A CIFAR batch dict -> uint8 [N, 32, 32, 3]; the layout is checked, not assumed."""
+    if not isinstance(obj, dict):
+        raise DataError(f"'{what}' holds a {type(obj).__name__}, not a CIFAR-10 batch dict; {_EXPECTED}")
+    data = obj.get(b"data", obj.get("data"))
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        got = f"{data.dtype} array of shape {list(data.shape)}" if isinstance(data, np.ndarray) else type(data).__name__
+        raise DataError(f"'{what}' entry 'data' is a {got}; expected a uint8 array [N, 3072] (32x32x3 CHW); "
+                        f"{_EXPECTED}")
+    labels = obj.get(b"labels", obj.get("labels"))
+    if labels is not None and len(labels) != data.shape[0]:
+        raise DataError(f"'{what}' has {data.shape[0]} images but {len(labels)} labels; {_EXPECTED}")
+    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+
+
+def _read_archive(path: Path, wanted: tuple[str, ...]) -> dict[str, bytes]:
+    """The raw bytes of the ``wanted`` members of a tar archive, found by base name."""
+    found: dict[str, bytes] = {}
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                base = member.name.rstrip("/").rsplit("/", 1)[-1]
+                if member.isfile() and base in wanted and base not in found:
+                    f = tar.extractfile(member)
+                    found[base] = f.read() if f is not None else b""
+    except tarfile.ReadError as exc:
+        raise DataError(f"'{path}' is not a readable tar archive ({one_line(exc)}); {_EXPECTED}") from None
+    except Exception as exc:  # truncated or corrupt compressed stream (EOFError, zlib.error, ...)
+        raise DataError(f"'{path}' is corrupt or truncated ({one_line(exc) or type(exc).__name__}); "
+                        f"{_EXPECTED}") from None
+    return found
+
+
+def _read_folder(path: Path, wanted: tuple[str, ...]) -> dict[str, bytes]:
+    found = {}
+    for name in wanted:
+        f = path / name
+        if f.is_file():
+            try:
+                found[name] = f.read_bytes()
+            except OSError as exc:
+                raise DataError(f"cannot read '{f}': {one_line(exc)}") from None
+    return found
+
+
+def is_cifar_folder(path: Path) -> bool:
+    """A folder that looks like (or directly contains) ``cifar-10-batches-py``."""
+    return (path.name == FOLDER_NAME or (path / FOLDER_NAME).is_dir()
+            or any((path / m).is_file() for m in TRAIN_MEMBERS + TEST_MEMBERS))
+
+
+def load_cifar(path: str | os.PathLike, split: str) -> np.ndarray:
+    """uint8 [N, 32, 32, 3]: train = data_batch_1..5 in order, test = test_batch."""
+    path = Path(path)
+    wanted = TRAIN_MEMBERS if split == "train" else TEST_MEMBERS
+    if path.is_dir():
+        if (path / FOLDER_NAME).is_dir() and path.name != FOLDER_NAME:
+            path = path / FOLDER_NAME
+        raw = _read_folder(path, wanted)
+    else:
+        raw = _read_archive(path, wanted)
+    missing = [m for m in wanted if m not in raw]
+    if missing:
+        raise DataError(f"'{path}' lacks {', '.join(missing)} (the CIFAR-10 {split} split); {_EXPECTED}")
+    return np.concatenate([_batch_images(safe_load(raw[m], f"{path}: {m}"), f"{path}: {m}") for m in wanted])
+
+
+class CifarDataset(ArrayDataset):
+    """CIFAR-10 (train 50,000 / test 10,000 for the real archive), uint8 [32, 32, 3].
+
+    At resolution 32 with 3 channels the images come back exactly as stored. Otherwise each
+    image goes through the image-folder conversion (``L`` via luma for 1 channel; area resize
+    for a smaller resolution); a resolution above 32 is a DataError (images are never enlarged).
+    """
+
+    def __init__(self, path: str | os.PathLike, split: str, resolution: int, channels: int, source: str, **kw):
+        if resolution > 32:
+            raise DataError(f"CIFAR-10 images are 32x32, smaller than the resolution {resolution} "
+                            f"(expected a resolution <= 32; images are never enlarged)")
+        super().__init__(load_cifar(path, split), "cifar10", source, channels, **kw)
+        self.resolution = int(resolution)
+        self.repeat_gray = False
+        self._raw = resolution == 32 and channels == 3
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        x = self.array[self._index(i)]
+        return x.copy() if self._raw else fit_array(x, self.resolution, self.channels)
+
+    def take(self, indices) -> np.ndarray:
+        return ArrayDataset.take(self, indices) if self._raw else ImageDataset.take(self, indices)
