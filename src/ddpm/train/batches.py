@@ -1,0 +1,117 @@
+"""Training batches in a resumable, world-size-independent order.
+
+Every rank runs the same :class:`ddpm.data.EpochSampler` over the whole dataset, producing the
+same *global* batch of indices (and flip flags) per step, and keeps its own contiguous slice
+``[rank·b, (rank+1)·b)`` with ``b = batch_size / world_size``. The sampler's state after the
+last consumed batch goes into each checkpoint, so a resumed run sees exactly the batches the
+uninterrupted run would have seen.
+
+With ``num_workers > 0`` a ``DataLoader`` decodes batches ahead of time in worker processes. It
+is fed by a second sampler that runs ahead; the checkpointed state comes from the first, which
+advances exactly once per consumed batch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+
+def _gather(dataset, indices: np.ndarray) -> np.ndarray:
+    """uint8 [n, H, W, C] for ``indices`` (uses the dataset's batch ``take`` when it has one)."""
+    take = getattr(dataset, "take", None)
+    if take is not None:
+        return take(indices)
+    return np.stack([np.asarray(dataset[int(i)]) for i in indices], 0)
+
+
+class _LocalBatches(Dataset):
+    """Map-style view whose 'index' is (indices, flips) of one local batch -> uint8 tensor [n, H, W, C]."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:  # not used for sampling; DataLoader only needs __getitem__
+        return len(self.dataset)
+
+    def __getitem__(self, item) -> torch.Tensor:
+        from ..data import apply_flips
+
+        indices, flips = item
+        return torch.from_numpy(np.ascontiguousarray(apply_flips(_gather(self.dataset, indices), flips)))
+
+
+class _LocalStream:
+    """Infinite iterable of this rank's (indices, flips) from a global-batch sampler."""
+
+    def __init__(self, sampler, lo: int, hi: int):
+        self.sampler, self.lo, self.hi = sampler, lo, hi
+
+    def __iter__(self):
+        while True:
+            indices, flips = self.sampler.next()
+            yield np.asarray(indices)[self.lo:self.hi], np.asarray(flips)[self.lo:self.hi]
+
+
+def _identity(x):
+    return x
+
+
+class BatchSource:
+    """This rank's uint8 [b, H, W, C] batches, one per optimiser step.
+
+    Args:
+        dataset: a dataset from :func:`ddpm.data.open_dataset`.
+        global_batch: ``train.batch_size``.
+        seed: ``train.seed`` (the data order depends on it alone).
+        flip: ``data.random_flip``.
+        rank, world_size: this process's slice of every global batch.
+        num_workers: decoding processes (0: decode in this process, in step).
+        pin_memory: for a CUDA device.
+    """
+
+    def __init__(self, dataset, global_batch: int, seed: int, flip: bool, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0, pin_memory: bool = False):
+        from ..data import EpochSampler
+
+        self.dataset = dataset
+        self.local = global_batch // world_size
+        self.lo, self.hi = rank * self.local, (rank + 1) * self.local
+        self.sampler = EpochSampler(len(dataset), global_batch, seed, flip)
+        self.num_workers = int(num_workers)
+        self.pin_memory = pin_memory
+        self._make = lambda: EpochSampler(len(dataset), global_batch, seed, flip)
+        self._iter = None
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+        self._iter = None
+
+    def _start_workers(self) -> None:
+        feed = self._make()
+        feed.load_state_dict(self.sampler.state_dict())
+        loader = DataLoader(_LocalBatches(self.dataset), sampler=_LocalStream(feed, self.lo, self.hi),
+                            batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+                            pin_memory=self.pin_memory, prefetch_factor=4)
+        self._iter = iter(loader)
+
+    def next(self) -> torch.Tensor:
+        """uint8 tensor [b, H, W, C] of this rank's part of the next global batch."""
+        if self.num_workers == 0:
+            from ..data import apply_flips
+
+            indices, flips = self.sampler.next()
+            idx, fl = np.asarray(indices)[self.lo:self.hi], np.asarray(flips)[self.lo:self.hi]
+            return torch.from_numpy(np.ascontiguousarray(apply_flips(_gather(self.dataset, idx), fl)))
+        if self._iter is None:
+            self._start_workers()
+        batch = next(self._iter)
+        self.sampler.next()  # the checkpointed position follows consumption, not prefetch
+        return batch
+
+    def close(self) -> None:
+        self._iter = None
