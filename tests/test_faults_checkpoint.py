@@ -94,6 +94,19 @@ def test_roundtrip_including_scalars(good):
     assert meta["step"] == 3 and meta["config"] == _meta()["config"]
 
 
+def test_tensors_sharing_memory_are_saved(tmp_path):
+    """The same weights under ema/ and model/ (step 0, converted weights) and two views of one buffer."""
+    w = torch.randn(6, 4)
+    tensors = {"ema/w": w, "model/w": w, "model/a": w[:3], "model/b": w[3:], "ema/empty": torch.zeros(0),
+               "model/empty": torch.zeros(0)}
+    p = tmp_path / "shared.safetensors"
+    save_checkpoint(p, tensors, _meta())
+    got, _ = load_checkpoint(p)
+    assert sorted(got) == sorted(tensors)
+    for k, v in tensors.items():
+        assert torch.equal(got[k], v), k
+
+
 # ----------------------------------------------------------------------------------------------
 # truncation, empty, flipped bytes
 

@@ -98,7 +98,17 @@ def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]
     """
     from safetensors.torch import save as st_save
 
-    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    cpu = {}
+    seen: set[int] = set()
+    for k, v in tensors.items():
+        t = v.detach().contiguous().cpu()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen:
+            # safetensors refuses tensors that share memory (e.g. the same weights saved as both
+            # ema/ and model/, as at step 0 or for converted weights): store a copy instead.
+            t = t.clone()
+        seen.add(ptr)
+        cpu[k] = t
     header = dict(meta)
     header["format"] = FORMAT
     header["format_version"] = FORMAT_VERSION
