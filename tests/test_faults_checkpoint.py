@@ -107,6 +107,20 @@ def test_tensors_sharing_memory_are_saved(tmp_path):
         assert torch.equal(got[k], v), k
 
 
+def test_saved_file_mode_follows_umask(tmp_path):
+    """Atomic writes go through mkstemp (mode 0600); the result must look like a normally created file."""
+    old = os.umask(0o022)
+    try:
+        p = tmp_path / "ckpt.safetensors"
+        save_checkpoint(p, _tensors(), _meta())
+        assert (p.stat().st_mode & 0o777) == 0o644
+        os.umask(0o027)
+        save_checkpoint(p, _tensors(), _meta())  # overwrite
+        assert (p.stat().st_mode & 0o777) == 0o640
+    finally:
+        os.umask(old)
+
+
 # ----------------------------------------------------------------------------------------------
 # truncation, empty, flipped bytes
 
