@@ -1,0 +1,421 @@
+"""The Gaussian diffusion of Ho et al. (2020): forward process, posterior, reverse-process
+mean/variance, training losses and the bits/dim bound (spec sections 1, 3-5).
+
+Conventions (docs/ARCHITECTURE.md): ``t`` is an int64 tensor [B] of 0-based indices (index i is
+the paper's t = i + 1); schedule buffers are float64 numpy arrays, gathered at ``t`` in float64
+and only then cast to the dtype of ``x`` and reshaped to [B, 1, 1, 1]. The model is any callable
+``model(x, t) -> out`` with ``out`` [B, C or 2C, H, W]; it is called in one place
+(:func:`call_model`) so that mixed precision can wrap it while the diffusion math stays
+float32/float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from enum import Enum
+from typing import TYPE_CHECKING, Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import likelihood
+from .errors import ConfigError, suggest
+from .likelihood import LN2, discretized_gaussian_log_likelihood, meanflat, normal_kl
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .config import DiffusionConfig
+
+
+class DiffusionOptionError(ConfigError, ValueError):
+    """An unknown diffusion option or an invalid combination (a ``ValueError`` and a ``ConfigError``)."""
+
+
+class MeanType(str, Enum):
+    """What the first C output channels predict (spec 4.1)."""
+
+    EPS = "eps"        # the noise epsilon (the paper's choice)
+    XSTART = "xstart"  # x_0
+    XPREV = "xprev"    # the posterior mean mu~(x_t, x_0) directly ("mu~ prediction")
+
+
+class VarType(str, Enum):
+    """The reverse-process variance Sigma_theta(x_t, t) = sigma_t^2 I (spec 4.2, 12)."""
+
+    FIXEDLARGE = "fixedlarge"        # beta_t, with beta~_2 at index 0 (official CIFAR default)
+    FIXEDSMALL = "fixedsmall"        # beta~_t, clipped log at index 0
+    LEARNED = "learned"              # raw log-variance from the second C channels
+    LEARNED_RANGE = "learned_range"  # improved-DDPM interpolation between log beta~ and log beta
+
+
+class LossType(str, Enum):
+    """Training objective (spec 4.3, 12)."""
+
+    MSE = "mse"                  # meanflat squared error of the mean part (L_simple for eps)
+    KL = "kl"                    # the VLB term L_t at the sampled t, bits/dim
+    RESCALED_KL = "rescaled_kl"  # KL * T (an estimate of the whole VLB)
+    HYBRID = "hybrid"            # improved-DDPM: mse + VLB term with stop-gradient mean, * T/1000
+
+
+LEARNED_VARS = (VarType.LEARNED, VarType.LEARNED_RANGE)
+
+
+def _parse(enum: type[Enum], value, option: str):
+    try:
+        return enum(value.value if isinstance(value, Enum) else value)
+    except ValueError:
+        choices = [m.value for m in enum]
+        raise DiffusionOptionError(f"invalid value for diffusion.{option}: {value!r}; expected one of "
+                                   f"{', '.join(choices)}{suggest(str(value), choices)}") from None
+
+
+def check_options(mean_type, var_type, loss_type) -> tuple[MeanType, VarType, LossType]:
+    """Parse and cross-check the three options; raises :class:`DiffusionOptionError`."""
+    mean_type = _parse(MeanType, mean_type, "mean_type")
+    var_type = _parse(VarType, var_type, "var_type")
+    loss_type = _parse(LossType, loss_type, "loss_type")
+    if loss_type == LossType.MSE and var_type in LEARNED_VARS:
+        raise DiffusionOptionError(
+            f"diffusion.loss_type='mse' cannot train diffusion.var_type='{var_type.value}' (the MSE ignores the "
+            f"variance); use loss_type='hybrid', 'kl' or 'rescaled_kl', or a fixed var_type")
+    if loss_type == LossType.HYBRID and var_type not in LEARNED_VARS:
+        raise DiffusionOptionError(
+            f"diffusion.loss_type='hybrid' needs diffusion.var_type='learned_range' or 'learned', got "
+            f"var_type='{var_type.value}'; use loss_type='mse' with a fixed variance")
+    return mean_type, var_type, loss_type
+
+
+def call_model(model: Callable, x: torch.Tensor, t: torch.Tensor, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``model(x, t)``, under ``torch.autocast(amp_dtype)`` when given; the output is cast to x's dtype.
+
+    The single place the network is called from the math, so that mixed precision touches only
+    the network and never the diffusion arithmetic.
+    """
+    if amp_dtype is None:
+        out = model(x, t)
+    else:
+        with torch.autocast(device_type=x.device.type, dtype=amp_dtype):
+            out = model(x, t)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class StepCoefs:
+    """Per-timestep coefficients of the reverse step, as tensors that broadcast against x.
+
+    Either [B, 1, 1, 1] (gathered at a batch of t) or 0-d (one step, pre-gathered by a sampler).
+    """
+
+    sqrt_recip_alphas_cumprod: torch.Tensor    # 1/sqrt(abar)
+    sqrt_recipm1_alphas_cumprod: torch.Tensor  # sqrt(1/abar - 1)
+    posterior_mean_coef1: torch.Tensor         # multiplies x0 in mu~
+    posterior_mean_coef2: torch.Tensor         # multiplies x_t in mu~
+    recip_coef1: torch.Tensor                  # 1/coef1 (x0 from x_prev)
+    coef2_over_coef1: torch.Tensor             # coef2/coef1 (x0 from x_prev)
+    fixed_variance: torch.Tensor               # sigma^2 of the fixed var types
+    fixed_log_variance: torch.Tensor           # log sigma^2 of the fixed var types
+    min_log: torch.Tensor                      # log beta~ (clipped): learned_range at v = -1
+    max_log: torch.Tensor                      # log beta: learned_range at v = +1
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+class CoefTable:
+    """All :class:`StepCoefs` of a chain as [T] tensors of one dtype/device (pre-gathered once)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], device, dtype: torch.dtype):
+        # float64 -> dtype happens here, once, exactly as the per-batch gather would do it.
+        self.tensors = {k: torch.as_tensor(v, dtype=torch.float64).to(device=device, dtype=dtype)
+                        for k, v in arrays.items()}
+
+    def at(self, k: int) -> StepCoefs:
+        """0-d views for step k (no host-device synchronisation)."""
+        return StepCoefs(**{n: self.tensors[n][k] for n in StepCoefs.names()})
+
+
+class GaussianDiffusion:
+    """Forward process q, posterior, p_theta mean/variance, losses and bits/dim.
+
+    Args:
+        betas: float64 [T] (T >= 2), betas[i] = beta_{i+1}, all in (0, 1].
+        mean_type: ``eps`` | ``xstart`` | ``xprev``; var_type: ``fixedlarge`` | ``fixedsmall`` |
+            ``learned`` | ``learned_range``; loss_type: ``mse`` | ``kl`` | ``rescaled_kl`` | ``hybrid``.
+
+    Buffers (float64 numpy [T], names as in improved-diffusion, spec section 3): betas, alphas,
+    alphas_cumprod, alphas_cumprod_prev, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
+    log_one_minus_alphas_cumprod, sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod,
+    posterior_variance, posterior_log_variance_clipped, posterior_mean_coef1, posterior_mean_coef2.
+    """
+
+    def __init__(self, betas: Sequence[float] | np.ndarray, mean_type: str = "eps", var_type: str = "fixedlarge",
+                 loss_type: str = "mse"):
+        self.mean_type, self.var_type, self.loss_type = check_options(mean_type, var_type, loss_type)
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or betas.shape[0] < 2:
+            raise DiffusionOptionError(f"betas must be a 1-D array with at least 2 entries, got shape {betas.shape}")
+        if not np.all((betas > 0) & (betas <= 1)):
+            raise DiffusionOptionError(f"betas must lie in (0, 1], got min {betas.min():.3g}, max {betas.max():.3g}")
+        self.num_timesteps = T = int(betas.shape[0])
+
+        # Spec section 3, all float64. A schedule with beta_T = 1 (jsd) has abar_T = 0 and so
+        # infinite 1/sqrt(abar) at the last index, as in the official code.
+        with np.errstate(divide="ignore"):
+            self.betas = betas
+            self.alphas = 1.0 - betas
+            self.alphas_cumprod = np.cumprod(self.alphas)
+            self.alphas_cumprod_prev = np.append(1.0, self.alphas_cumprod[:-1])
+            self.sqrt_alphas_cumprod = np.sqrt(self.alphas_cumprod)
+            self.sqrt_one_minus_alphas_cumprod = np.sqrt(1.0 - self.alphas_cumprod)
+            self.log_one_minus_alphas_cumprod = np.log(1.0 - self.alphas_cumprod)
+            self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod)
+            self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / self.alphas_cumprod - 1.0)
+            self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+            # beta~_1 = 0, so index 0 of the log takes beta~_2 (index 1), the official rule.
+            self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1],
+                                                                   self.posterior_variance[1:]))
+            self.posterior_mean_coef1 = betas * np.sqrt(self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)
+            self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(self.alphas) / (1.0 - self.alphas_cumprod)
+
+        # fixedlarge: sigma^2 = beta_t, except index 0 takes beta~_2 (better decoder likelihood,
+        # spec 4.2). Like improved-diffusion (and unlike the TF code, whose "variance" output
+        # keeps the raw beta_1), both the variance and its log use the modified array.
+        self.fixedlarge_variance = np.append(self.posterior_variance[1], betas[1:])
+        if self.var_type == VarType.FIXEDLARGE:
+            fixed_var, fixed_log = self.fixedlarge_variance, np.log(self.fixedlarge_variance)
+        else:  # fixedsmall; the learned types never read these
+            fixed_var, fixed_log = self.posterior_variance, self.posterior_log_variance_clipped
+        with np.errstate(divide="ignore"):
+            self._coef_arrays = {
+                "sqrt_recip_alphas_cumprod": self.sqrt_recip_alphas_cumprod,
+                "sqrt_recipm1_alphas_cumprod": self.sqrt_recipm1_alphas_cumprod,
+                "posterior_mean_coef1": self.posterior_mean_coef1,
+                "posterior_mean_coef2": self.posterior_mean_coef2,
+                "recip_coef1": 1.0 / self.posterior_mean_coef1,
+                "coef2_over_coef1": self.posterior_mean_coef2 / self.posterior_mean_coef1,
+                "fixed_variance": fixed_var,
+                "fixed_log_variance": fixed_log,
+                "min_log": self.posterior_log_variance_clipped,
+                "max_log": np.log(betas),
+            }
+        self._q_variance = 1.0 - self.alphas_cumprod
+        self._torch_cache: dict[tuple[str, str], torch.Tensor] = {}
+
+    # ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: "DiffusionConfig") -> "GaussianDiffusion":
+        """Build from a :class:`ddpm.config.DiffusionConfig`."""
+        from .schedule import get_beta_schedule
+
+        betas = get_beta_schedule(cfg.beta_schedule, cfg.num_timesteps, cfg.beta_start, cfg.beta_end)
+        return cls(betas, mean_type=cfg.mean_type, var_type=cfg.var_type, loss_type=cfg.loss_type)
+
+    def __repr__(self) -> str:
+        return (f"GaussianDiffusion(T={self.num_timesteps}, mean_type={self.mean_type.value}, "
+                f"var_type={self.var_type.value}, loss_type={self.loss_type.value})")
+
+    @property
+    def learned_variance(self) -> bool:
+        return self.var_type in LEARNED_VARS
+
+    def model_output_channels(self, channels: int) -> int:
+        """Channels the network must output for C-channel images: 2C with a learned variance, else C."""
+        return 2 * channels if self.learned_variance else channels
+
+    # ------------------------------------------------------------------------------------------
+    def _buffer(self, name: str, array: np.ndarray, device: torch.device) -> torch.Tensor:
+        key = (name, str(device))
+        buf = self._torch_cache.get(key)
+        if buf is None:
+            # MPS has no float64: gather there on the CPU instead.
+            dev = device if device.type != "mps" else torch.device("cpu")
+            buf = torch.as_tensor(array, dtype=torch.float64).to(dev)
+            self._torch_cache[key] = buf
+        return buf
+
+    def _extract(self, name: str, t: torch.Tensor, x: torch.Tensor, array: np.ndarray | None = None) -> torch.Tensor:
+        """buffer[t] gathered in float64, cast to x.dtype, shaped [B, 1, 1, 1] (1s for x's other dims)."""
+        arr = getattr(self, name) if array is None else array
+        buf = self._buffer(name, arr, t.device)
+        out = buf[t.to(buf.device)].to(device=x.device, dtype=x.dtype)
+        return out.reshape(t.shape[0], *([1] * (x.ndim - 1)))
+
+    def _coefs_at(self, t: torch.Tensor, x: torch.Tensor) -> StepCoefs:
+        return StepCoefs(**{n: self._extract("_c_" + n, t, x, self._coef_arrays[n]) for n in StepCoefs.names()})
+
+    def coef_table(self, device, dtype: torch.dtype = torch.float32) -> CoefTable:
+        """Every step's coefficients as [T] tensors on ``device`` (for samplers: gather once, before the loop)."""
+        return CoefTable(self._coef_arrays, device, dtype)
+
+    def _check_t(self, t: torch.Tensor, x: torch.Tensor) -> None:
+        if t.ndim != 1 or t.shape[0] != x.shape[0]:
+            raise ValueError(f"t must be an int64 tensor [B] with B = {x.shape[0]}, got shape {tuple(t.shape)}")
+
+    # ------------------------------------------------------------------------------------------
+    # Forward process q(x_t | x_0) (paper Eq. 4)
+    def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor):
+        """(mean, variance, log_variance) of q(x_t | x_0): sqrt(abar) x0, 1 - abar, log(1 - abar)."""
+        self._check_t(t, x0)
+        mean = self._extract("sqrt_alphas_cumprod", t, x0) * x0
+        var = self._extract("_q_variance", t, x0, self._q_variance).expand_as(x0)
+        log_var = self._extract("log_one_minus_alphas_cumprod", t, x0).expand_as(x0)
+        return mean, var, log_var
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise (paper Eq. 4); noise ~ N(0, I) when None."""
+        self._check_t(t, x0)
+        if noise is None:
+            noise = torch.randn_like(x0)
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
+        return (self._extract("sqrt_alphas_cumprod", t, x0) * x0
+                + self._extract("sqrt_one_minus_alphas_cumprod", t, x0) * noise)
+
+    def q_posterior_mean_variance(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor):
+        """q(x_{t-1} | x_t, x_0) (paper Eq. 6-7): (mean, variance beta~, clipped log beta~), each like x."""
+        self._check_t(t, xt)
+        mean = (self._extract("posterior_mean_coef1", t, xt) * x0
+                + self._extract("posterior_mean_coef2", t, xt) * xt)
+        var = self._extract("posterior_variance", t, xt).expand_as(xt)
+        log_var = self._extract("posterior_log_variance_clipped", t, xt).expand_as(xt)
+        return mean, var, log_var
+
+    # ------------------------------------------------------------------------------------------
+    # Reverse process p_theta(x_{t-1} | x_t)
+    def _check_output(self, out: torch.Tensor, x: torch.Tensor) -> None:
+        C = x.shape[1]
+        want = self.model_output_channels(C)
+        if out.ndim != x.ndim or out.shape[0] != x.shape[0] or out.shape[1] != want or out.shape[2:] != x.shape[2:]:
+            raise ValueError(f"model output has shape {tuple(out.shape)}; expected "
+                             f"{(x.shape[0], want, *x.shape[2:])} for var_type={self.var_type.value}")
+
+    def mean_variance_from_output(self, out: torch.Tensor, xt: torch.Tensor, c: StepCoefs, clip_denoised: bool):
+        """The reverse step's (mean, variance, log_variance, pred_xstart) from a model output.
+
+        Shared by :meth:`p_mean_variance` (c gathered [B,1,1,1]) and the samplers (c 0-d), so both
+        run the very same arithmetic. With ``eps`` the mean is the posterior mean at the
+        (optionally clipped) x0 prediction, which without clipping equals paper Eq. 11.
+        """
+        C = xt.shape[1]
+        if self.learned_variance:
+            mean_out, var_out = out[:, :C], out[:, C:]
+            if self.var_type == VarType.LEARNED:
+                log_var = var_out
+            else:  # improved-DDPM Eq. 15: frac = (v + 1)/2 interpolates log beta~ .. log beta
+                frac = (var_out + 1.0) / 2.0
+                log_var = frac * c.max_log + (1.0 - frac) * c.min_log
+            var = torch.exp(log_var)
+        else:
+            mean_out = out
+            var, log_var = c.fixed_variance.expand_as(xt), c.fixed_log_variance.expand_as(xt)
+
+        def process(x0: torch.Tensor) -> torch.Tensor:
+            return x0.clamp(-1.0, 1.0) if clip_denoised else x0
+
+        if self.mean_type == MeanType.XPREV:
+            # x0 = (x_prev - coef2 x_t) / coef1, only reported; clipping does not touch the mean.
+            pred_xstart = process(c.recip_coef1 * mean_out - c.coef2_over_coef1 * xt)
+            mean = mean_out
+        else:
+            if self.mean_type == MeanType.XSTART:
+                pred_xstart = process(mean_out)
+            else:  # paper Eq. 15: x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
+                pred_xstart = process(c.sqrt_recip_alphas_cumprod * xt - c.sqrt_recipm1_alphas_cumprod * mean_out)
+            mean = c.posterior_mean_coef1 * pred_xstart + c.posterior_mean_coef2 * xt
+        return mean, var, log_var, pred_xstart
+
+    def p_mean_variance(self, model: Callable | None, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
+                        model_output: torch.Tensor | None = None, amp_dtype: torch.dtype | None = None) -> dict:
+        """Mean and variance of p_theta(x_{t-1} | x_t) (spec 4.1-4.2).
+
+        Args:
+            xt: [B, C, H, W]; t: int64 [B] (0-based).
+            clip_denoised: clamp the x0 prediction to [-1, 1] before forming the mean (official default).
+            model_output: a precomputed ``model(xt, t)`` (then ``model`` is not called).
+
+        Returns: dict ``mean``, ``variance``, ``log_variance``, ``pred_xstart``, each like xt.
+            For fixedlarge, ``variance`` is exp(``log_variance``) = [beta~_2, beta_2, ..., beta_T]
+            (improved-diffusion); the TF code would report the raw beta_1 at index 0 instead.
+        """
+        self._check_t(t, xt)
+        out = call_model(model, xt, t, amp_dtype) if model_output is None else model_output
+        self._check_output(out, xt)
+        mean, var, log_var, pred_xstart = self.mean_variance_from_output(out, xt, self._coefs_at(t, xt), clip_denoised)
+        return {"mean": mean, "variance": var, "log_variance": log_var, "pred_xstart": pred_xstart}
+
+    def predict_eps_from_xstart(self, xt: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor) -> torch.Tensor:
+        """eps = (x_t / sqrt(abar) - x0) / sqrt(1/abar - 1), the inverse of paper Eq. 15."""
+        return ((self._extract("sqrt_recip_alphas_cumprod", t, xt) * xt - pred_xstart)
+                / self._extract("sqrt_recipm1_alphas_cumprod", t, xt))
+
+    # ------------------------------------------------------------------------------------------
+    # Variational bound (spec section 5)
+    def vb_terms_bpd(self, model: Callable | None, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+                     clip_denoised: bool = True, model_output: torch.Tensor | None = None,
+                     amp_dtype: torch.dtype | None = None) -> dict:
+        """The VLB term at t in bits/dim (spec 5.2): the decoder NLL -log p(x0 | x1) where t == 0
+        (paper Eq. 13), else KL(q(x_{t-1} | x_t, x0) || p_theta(x_{t-1} | x_t)).
+
+        Returns: dict ``output`` [B] (bits/dim), ``pred_xstart`` [B, C, H, W].
+        """
+        true_mean, _, true_log_var = self.q_posterior_mean_variance(x0, xt, t)
+        out = self.p_mean_variance(model, xt, t, clip_denoised=clip_denoised, model_output=model_output,
+                                   amp_dtype=amp_dtype)
+        kl = meanflat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / LN2
+        nll = -meanflat(discretized_gaussian_log_likelihood(x0, out["mean"], 0.5 * out["log_variance"])) / LN2
+        return {"output": torch.where(t == 0, nll, kl), "pred_xstart": out["pred_xstart"]}
+
+    def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
+        """L_T = KL(q(x_T | x0) || N(0, I)) in bits/dim, [B] (spec 5.4). Has no parameters."""
+        t = torch.full((x0.shape[0],), self.num_timesteps - 1, dtype=torch.int64, device=x0.device)
+        mean, _, log_var = self.q_mean_variance(x0, t)
+        return meanflat(normal_kl(mean, log_var, 0.0, 0.0)) / LN2
+
+    def calc_bpd_loop(self, model: Callable, x0: torch.Tensor, clip_denoised: bool = True,
+                      seeds: Sequence[int] | None = None, progress: bool = False,
+                      amp_dtype: torch.dtype | None = None) -> dict:
+        """The full bound in bits/dim, T network calls per image: see :func:`ddpm.likelihood.calc_bpd_loop`.
+
+        Returns: dict ``total_bpd`` [B], ``prior_bpd`` [B], ``terms_bpd`` [B, T], ``mse`` [B, T].
+        """
+        return likelihood.calc_bpd_loop(self, model, x0, clip_denoised=clip_denoised, seeds=seeds,
+                                        progress=progress, amp_dtype=amp_dtype)
+
+    # ------------------------------------------------------------------------------------------
+    def training_losses(self, model: Callable, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
+                        amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Per-example training loss [B] at the given t (spec 4.3, Algorithm 1).
+
+        - ``mse``: meanflat((target - output)^2), target eps / x0 / mu~ by mean_type; for eps this
+          is L_simple (paper Eq. 14), a per-pixel mean, not a sum.
+        - ``kl``: the VLB term at t in bits/dim, no x0 clipping, not rescaled.
+        - ``rescaled_kl``: kl * T.
+        - ``hybrid``: mse + T/1000 * VLB term, the VLB seeing a stop-gradient mean, so it trains
+          only the variance (improved-diffusion's RESCALED_MSE).
+
+        Returned in x0's dtype (float32 in training).
+        """
+        self._check_t(t, x0)
+        if noise is None:
+            noise = torch.randn_like(x0)
+        xt = self.q_sample(x0, t, noise=noise)
+        out = call_model(model, xt, t, amp_dtype)
+        self._check_output(out, x0)
+        T = self.num_timesteps
+        if self.loss_type in (LossType.KL, LossType.RESCALED_KL):
+            loss = self.vb_terms_bpd(None, x0, xt, t, clip_denoised=False, model_output=out)["output"]
+            return loss * T if self.loss_type == LossType.RESCALED_KL else loss
+        C = x0.shape[1]
+        mean_out = out[:, :C]
+        if self.mean_type == MeanType.EPS:
+            target = noise
+        elif self.mean_type == MeanType.XSTART:
+            target = x0
+        else:
+            target = self.q_posterior_mean_variance(x0, xt, t)[0]
+        loss = meanflat((target - mean_out) ** 2)
+        if self.loss_type == LossType.HYBRID:
+            frozen = torch.cat([mean_out.detach(), out[:, C:]], dim=1)
+            vb = self.vb_terms_bpd(None, x0, xt, t, clip_denoised=False, model_output=frozen)["output"]
+            loss = loss + vb * (T / 1000.0)
+        return loss
