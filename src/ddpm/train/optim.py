@@ -51,12 +51,12 @@ def grad_norm_and_clip(params: list[torch.nn.Parameter], max_norm: float) -> tor
     (spec 8.2). ``max_norm == 0`` disables clipping; the norm is still returned for logging.
     Non-finite norms are returned as is and the gradients are left untouched.
     """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    with_grad = [p for p in params if p.grad is not None]
+    if not with_grad:
         return torch.zeros((), device=params[0].device if params else "cpu")
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=True)
+    norm = torch.nn.utils.get_total_norm([p.grad for p in with_grad], norm_type=2.0, foreach=True)
     if max_norm > 0:
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, norm, foreach=True)
+        torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, norm, foreach=True)
     return norm
 
 

@@ -1,0 +1,324 @@
+"""Trainer pieces: LR warm-up, EMA, clipping, gradient accumulation, importance sampling of t,
+run folder (keep_last, latest, metrics, samples), and the non-finite guard."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm.checkpoint import list_checkpoints, load_checkpoint, split_prefix
+from ddpm.config import Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig
+from ddpm.train.ema import EMA
+from ddpm.train.optim import grad_norm_and_clip, warmup_lr
+from ddpm.train.tsampler import LossSecondMomentSampler, UniformSampler
+
+TINY_MODEL = ModelConfig(resolution=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                         attn_resolutions=(4,), dropout=0.0)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models gain nothing from a second thread, and lose a lot when the cores are shared.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_config(**train) -> Config:
+    base = TrainConfig(total_steps=4, batch_size=8, lr=1e-3, warmup_steps=2, ema_decay=0.9, log_every=0,
+                       sample_every=0, save_every=0, keep_last=10)
+    return Config(preset="tiny", model=TINY_MODEL, diffusion=DiffusionConfig(num_timesteps=20),
+                  data=DataConfig(source="digits", random_flip=False), train=replace(base, **train))
+
+
+def run(cfg: Config, out: Path, resume=None, log=None):
+    from ddpm.train import train
+
+    msgs = [] if log is None else log
+    return train(cfg, out, resume=resume, device="cpu", progress=False, log=msgs.append)
+
+
+def ckpt(path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)[0]
+
+
+# ---------------------------------------------------------------------------------------------- LR
+
+def test_warmup_lr_values():
+    assert warmup_lr(0, 2e-4, 5000) == 0.0
+    assert warmup_lr(2500, 2e-4, 5000) == pytest.approx(1e-4, rel=1e-12)
+    assert warmup_lr(5000, 2e-4, 5000) == pytest.approx(2e-4, rel=1e-12)
+    assert warmup_lr(10_000, 2e-4, 5000) == pytest.approx(2e-4, rel=1e-12)
+    assert warmup_lr(0, 2e-4, 0) == pytest.approx(2e-4)  # no warm-up
+
+
+def test_first_step_has_zero_lr_and_metrics_report_the_schedule(tmp_path):
+    # Step 0 uses LR 0 (spec 8.2): after one step the weights are the initial ones, so the EMA
+    # (started as a copy) still equals them exactly. With LR > 0 they would differ.
+    r = run(tiny_config(total_steps=1, warmup_steps=4, log_every=1), tmp_path / "a")
+    t = ckpt(r["checkpoint"])
+    model, ema = split_prefix(t, "model/"), split_prefix(t, "ema/")
+    assert all(torch.equal(model[k], ema[k]) for k in model)
+    r2 = run(tiny_config(total_steps=3, warmup_steps=4, log_every=1), tmp_path / "b")
+    t2 = ckpt(r2["checkpoint"])
+    m2, e2 = split_prefix(t2, "model/"), split_prefix(t2, "ema/")
+    assert any(not torch.equal(m2[k], e2[k]) for k in m2)
+    recs = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    # Record at step s reports the LR of the update with index s-1: lr·(s-1)/warmup.
+    assert [rec["lr"] for rec in recs] == pytest.approx([0.0, 1e-3 * 1 / 4, 1e-3 * 2 / 4])
+
+
+# ---------------------------------------------------------------------------------------------- EMA
+
+def test_ema_matches_hand_computation():
+    torch.manual_seed(1)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    decay = 0.9
+    ema = EMA(net, decay)
+    expected = {k: v.detach().clone().double() for k, v in net.state_dict().items()}
+    for k, v in ema.state_dict().items():
+        assert torch.equal(v, net.state_dict()[k])  # starts as a copy
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    for _ in range(5):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(net)
+        for k, v in net.state_dict().items():
+            expected[k] = decay * expected[k] + (1 - decay) * v.double()
+    for k, v in ema.state_dict().items():
+        torch.testing.assert_close(v.double(), expected[k], rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(v, net.state_dict()[k])  # it really lags behind
+
+
+# ---------------------------------------------------------------------------------------------- clipping
+
+def test_grad_norm_and_clip():
+    a = torch.nn.Parameter(torch.zeros(3))
+    b = torch.nn.Parameter(torch.zeros(2, 2))
+    a.grad = torch.tensor([3.0, 0.0, 0.0])
+    b.grad = torch.tensor([[0.0, 4.0], [0.0, 0.0]])
+    norm = grad_norm_and_clip([a, b], 1.0)
+    assert float(norm) == pytest.approx(5.0)  # the norm before clipping
+    assert a.grad.tolist() == pytest.approx([0.6, 0.0, 0.0], rel=1e-5)
+    assert b.grad[0, 1].item() == pytest.approx(0.8, rel=1e-5)
+    # below the threshold nothing changes; 0 disables clipping but still reports the norm
+    norm = grad_norm_and_clip([a, b], 10.0)
+    assert float(norm) == pytest.approx(1.0, rel=1e-5) and a.grad[0].item() == pytest.approx(0.6, rel=1e-5)
+    b.grad.mul_(100)
+    norm = grad_norm_and_clip([a, b], 0.0)
+    assert float(norm) == pytest.approx(math.hypot(0.6, 80.0), rel=1e-5)
+    assert b.grad[0, 1].item() == pytest.approx(80.0, rel=1e-5)
+
+
+def test_trainer_clips_at_train_grad_clip(tmp_path, monkeypatch):
+    import ddpm.train.loop as loop
+
+    seen = []
+
+    def spy(params, max_norm):
+        norm = grad_norm_and_clip(params, max_norm)
+        after = torch.sqrt(sum((p.grad.double() ** 2).sum() for p in params if p.grad is not None))
+        seen.append((max_norm, float(norm), float(after)))
+        return norm
+
+    monkeypatch.setattr(loop, "grad_norm_and_clip", spy)
+    run(tiny_config(total_steps=2, grad_clip=0.05), tmp_path)
+    assert [s[0] for s in seen] == [0.05, 0.05]
+    for _, before, after in seen:
+        assert before > 0.05  # a fresh U-Net's gradient is far above this
+        assert after == pytest.approx(0.05, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------- accumulation
+
+def test_grad_accumulation_equals_full_batch(tmp_path):
+    # One real update (warm-up 0): Adam's first moment is (1-β1)·gradient, so comparing it compares
+    # the gradients of 1×8 and 2×4; the weights after the update must agree as well.
+    one = ckpt(run(tiny_config(total_steps=1, warmup_steps=0, grad_clip=0.0), tmp_path / "a")["checkpoint"])
+    two = ckpt(run(tiny_config(total_steps=1, warmup_steps=0, grad_clip=0.0, grad_accum=2),
+                   tmp_path / "b")["checkpoint"])
+    assert one.keys() == two.keys()
+    m1 = [k for k in one if k.endswith("/exp_avg")]
+    assert m1
+    for k in m1:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-9)
+    for k in one:
+        if k.startswith(("model/", "ema/")):
+            torch.testing.assert_close(two[k], one[k], rtol=0, atol=1e-6)
+    # ... and accumulation is not a no-op: the second micro-batch really contributes.
+    half = ckpt(run(tiny_config(total_steps=1, warmup_steps=0, grad_clip=0.0, batch_size=4),
+                    tmp_path / "c")["checkpoint"])
+    assert any(not torch.allclose(half[k], one[k], rtol=1e-3, atol=1e-7) for k in m1)
+
+
+# ---------------------------------------------------------------------------------------------- t sampling
+
+def test_uniform_sampler():
+    s = UniformSampler(10)
+    t, w = s.sample(5000, torch.Generator().manual_seed(0))
+    assert t.dtype == torch.int64 and int(t.min()) == 0 and int(t.max()) == 9
+    assert torch.equal(w, torch.ones(5000))
+    assert torch.allclose(s.probabilities(), torch.full((10,), 0.1, dtype=torch.float64))
+
+
+def test_importance_sampler_probabilities_and_weights():
+    T, H = 4, 10
+    s = LossSecondMomentSampler(T, history=H, uniform_prob=1e-3)
+    g = torch.Generator().manual_seed(0)
+    # Before every t has 10 losses: uniform, weight 1.
+    s.update(torch.tensor([0, 1]), torch.tensor([1.0, 2.0]))
+    assert not s.warmed_up()
+    t, w = s.sample(6, g)
+    assert torch.equal(w, torch.ones(6))
+    assert torch.allclose(s.probabilities(), torch.full((T,), 0.25, dtype=torch.float64))
+    # Fill histories: t gets losses whose RMS is known.
+    rms = np.array([1.0, 2.0, 3.0, 4.0])
+    for _ in range(H + 3):  # more than H: old values are pushed out
+        s.update(torch.arange(T), torch.tensor(rms))
+    assert s.warmed_up() and s.loss_counts.tolist() == [H] * T
+    p_expected = (1 - 1e-3) * rms / rms.sum() + 1e-3 / T
+    np.testing.assert_allclose(s.probabilities().numpy(), p_expected, rtol=1e-12)
+    t, w = s.sample(200_000, g)
+    np.testing.assert_allclose(w.double().numpy(), 1.0 / (T * p_expected[t.numpy()]), rtol=1e-6)
+    freq = np.bincount(t.numpy(), minlength=T) / len(t)
+    np.testing.assert_allclose(freq, p_expected, atol=0.005)
+    # Unbiased: E_p[w·L_t] equals the uniform average of L_t.
+    assert float((p_expected * (1.0 / (T * p_expected)) * rms).sum()) == pytest.approx(rms.mean())
+    # The history is a sliding window: the newest value replaces the oldest.
+    s.update(torch.tensor([3]), torch.tensor([100.0]))
+    assert s.loss_history[3, -1].item() == 100.0 and s.loss_history[3, :-1].tolist() == [4.0] * (H - 1)
+    # state round trip
+    s2 = LossSecondMomentSampler(T, history=H)
+    s2.load_state_tensors(s.state_tensors())
+    assert torch.equal(s2.probabilities(), s.probabilities())
+
+
+# ---------------------------------------------------------------------------------------------- run folder
+
+def test_keep_last_latest_metrics_and_samples(tmp_path):
+    cfg = tiny_config(total_steps=4, save_every=1, keep_last=2, log_every=2, sample_every=2, sample_n=4)
+    r = run(cfg, tmp_path)
+    files = list_checkpoints(tmp_path / "checkpoints")
+    assert [f.name for f in files] == ["ckpt_000000003.safetensors", "ckpt_000000004.safetensors"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "ckpt_000000004.safetensors"
+    assert r["checkpoint"] == str(files[-1]) and r["step"] == 4
+    assert Config.from_json((tmp_path / "config.json").read_text()) == cfg
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [rec["step"] for rec in recs] == [2, 4]
+    for rec in recs:
+        for key in ("loss", "loss_q0", "loss_q1", "loss_q2", "loss_q3", "grad_norm", "lr", "images_per_s",
+                    "skipped_nonfinite", "time"):
+            assert key in rec, key
+        assert math.isfinite(rec["loss"]) and rec["loss"] > 0 and rec["grad_norm"] > 0
+        assert rec["images_per_s"] > 0 and rec["skipped_nonfinite"] == 0
+        quarters = [rec[f"loss_q{k}"] for k in range(4) if rec[f"loss_q{k}"] is not None]
+        assert quarters and min(quarters) <= rec["loss"] <= max(quarters)
+    from PIL import Image
+
+    for step in (2, 4):
+        png = tmp_path / "samples" / f"step_{step:09d}.png"
+        assert png.is_file()
+        im = Image.open(png)
+        assert im.mode == "L" and min(im.size) >= 2 * 8  # a 2x2 grid of 8x8 images (maybe enlarged)
+    meta = load_checkpoint(files[-1])[1]
+    assert meta["kind"] == "train" and meta["step"] == 4 and meta["data_sampler"]["position"] == 32
+    assert Config.from_dict(meta["config"]) == cfg
+
+
+def test_fresh_run_refuses_a_folder_with_checkpoints(tmp_path):
+    from ddpm.errors import UserError
+
+    run(tiny_config(total_steps=1), tmp_path)
+    before = (tmp_path / "checkpoints" / "ckpt_000000001.safetensors").read_bytes()
+    with pytest.raises(UserError, match="--resume auto"):
+        run(tiny_config(total_steps=2), tmp_path)
+    assert (tmp_path / "checkpoints" / "ckpt_000000001.safetensors").read_bytes() == before
+
+
+def test_batch_not_divisible_by_accumulation_is_a_config_error(tmp_path):
+    from ddpm.errors import ConfigError
+
+    cfg = tiny_config()
+    bad = replace(cfg, train=replace(cfg.train, batch_size=6, grad_accum=4))
+    with pytest.raises(ConfigError, match="grad_accum"):
+        run(bad, tmp_path)
+
+
+def test_failed_save_stops_the_run_and_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    import ddpm.checkpoint as ck
+    from ddpm.errors import CheckpointError
+
+    real = ck.atomic_write_bytes
+
+    def flaky(path, data):
+        if Path(path).name == "ckpt_000000002.safetensors":
+            raise OSError(28, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(ck, "atomic_write_bytes", flaky)
+    with pytest.raises(CheckpointError, match="No space left"):
+        run(tiny_config(total_steps=3, save_every=1), tmp_path)
+    files = list_checkpoints(tmp_path / "checkpoints")
+    assert [f.name for f in files] == ["ckpt_000000001.safetensors"]
+    assert (tmp_path / "checkpoints" / "latest").read_text().strip() == files[0].name
+    load_checkpoint(files[0])  # intact
+
+
+# ---------------------------------------------------------------------------------------------- non-finite guard
+
+def _nan_at(monkeypatch, bad_calls):
+    """Make GaussianDiffusion.training_losses return NaN on the given (0-based) calls."""
+    from ddpm.diffusion import GaussianDiffusion
+
+    real = GaussianDiffusion.training_losses
+    counter = {"n": 0}
+
+    def patched(self, model, x0, t, noise=None, **kw):
+        out = real(self, model, x0, t, noise=noise, **kw)
+        k = counter["n"]
+        counter["n"] += 1
+        return out * float("nan") if k in bad_calls else out
+
+    monkeypatch.setattr(GaussianDiffusion, "training_losses", patched)
+
+
+def _all_finite(path) -> bool:
+    return all(bool(torch.isfinite(v).all()) for v in ckpt(path).values() if v.is_floating_point())
+
+
+def test_nonfinite_steps_are_skipped_and_counted(tmp_path, monkeypatch):
+    _nan_at(monkeypatch, {2, 3})
+    msgs = []
+    r = run(tiny_config(total_steps=5, save_every=1, log_every=5, max_nonfinite_in_row=3), tmp_path, log=msgs)
+    assert r["skipped_nonfinite"] == 2 and r["step"] == 5
+    files = {f.name: f for f in list_checkpoints(tmp_path / "checkpoints")}
+    assert all(_all_finite(f) for f in files.values())
+    # The skipped steps changed nothing: after steps 3 and 4 the state equals the one after step 2.
+    a, b = ckpt(files["ckpt_000000002.safetensors"]), ckpt(files["ckpt_000000004.safetensors"])
+    for k in a:
+        if k.startswith(("model/", "ema/", "optim/")):
+            assert torch.equal(a[k], b[k]), k
+    c = ckpt(files["ckpt_000000005.safetensors"])
+    assert any(not torch.equal(a[k], c[k]) for k in a if k.startswith("model/"))  # step 5 trained again
+    assert sum("non-finite loss or gradient" in m for m in msgs) == 2
+    rec = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert rec["skipped_nonfinite"] == 2 and math.isfinite(rec["loss"])
+
+
+def test_run_stops_after_max_nonfinite_in_row(tmp_path, monkeypatch):
+    from ddpm.errors import UserError
+
+    _nan_at(monkeypatch, set(range(2, 100)))
+    with pytest.raises(UserError, match="max_nonfinite_in_row=3"):
+        run(tiny_config(total_steps=20, save_every=1, max_nonfinite_in_row=3), tmp_path)
+    files = list_checkpoints(tmp_path / "checkpoints")
+    assert [f.name for f in files][-1] == "ckpt_000000004.safetensors"  # stopped during step 5
+    assert files and all(_all_finite(f) for f in files)
