@@ -98,6 +98,20 @@ def test_ema_matches_hand_computation():
         assert not torch.allclose(v, net.state_dict()[k])  # it really lags behind
 
 
+def test_trainer_updates_ema_every_step(tmp_path):
+    # ema_k = d·ema_{k-1} + (1-d)·model_k between consecutive checkpoints.
+    r = run(tiny_config(total_steps=4, warmup_steps=0, save_every=1, ema_decay=0.75), tmp_path)
+    files = list_checkpoints(Path(r["run_dir"]) / "checkpoints")
+    assert len(files) == 4
+    for prev, cur in zip(files[:-1], files[1:]):
+        a, b = ckpt(prev), ckpt(cur)
+        ema_prev, ema, model = split_prefix(a, "ema/"), split_prefix(b, "ema/"), split_prefix(b, "model/")
+        for k in model:
+            expected = 0.75 * ema_prev[k].double() + 0.25 * model[k].double()
+            torch.testing.assert_close(ema[k].double(), expected, rtol=1e-6, atol=1e-7)
+        assert any(not torch.equal(ema[k], ema_prev[k]) for k in model)
+
+
 # ---------------------------------------------------------------------------------------------- clipping
 
 def test_grad_norm_and_clip():
