@@ -441,17 +441,19 @@ def compute_fid(samples: Any, reference: str = "cifar10:train", *, cache_dir: st
 
 def generate_samples(diffusion, model, n: int, image_shape: Sequence[int], *, seed: int = 0,
                      batch_size: int = 256, device: str | torch.device = "cpu", amp_dtype=None,
-                     progress: bool = False, gather: bool = True) -> np.ndarray:
+                     progress: bool = False, gather: bool = True, rank: int | None = None,
+                     world_size: int | None = None) -> np.ndarray:
     """Draw ``n`` samples (Algorithm 2) split over ranks; uint8 [N, H, W, C] in seed order.
 
     Image k uses seed ``seed + k`` whatever the number of ranks (:func:`rank_seeds`), so the set
-    is the one a single process draws. With ``gather`` every rank receives all N images;
-    otherwise each rank returns only its shard.
+    is the one a single process draws. ``image_shape`` is (C, H, W). ``rank``/``world_size``
+    default to the process group. With ``gather`` (needs a process group when world_size > 1)
+    every rank receives all N images; otherwise each rank returns only its shard.
     """
     from ddpm.images import to_uint8
     from ddpm.sampling import sample
 
-    seeds = rank_seeds(n, seed)
+    seeds = rank_seeds(n, seed, rank, world_size)
     if seeds:
         x = sample(diffusion, model, tuple(image_shape), seeds, batch_size=batch_size, device=device,
                    amp_dtype=amp_dtype, progress=progress)
