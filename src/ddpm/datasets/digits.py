@@ -5,8 +5,9 @@ The split is FIXED: ``train_test_split(arange(1797), test_size=297, random_state
 stratify=labels)``, each side sorted by original index -> 1,500 train and 297 test images,
 disjoint, identical on every machine and run.
 
-At another resolution the 8x8 image is resized with Pillow: ``Image.BOX`` (area averaging)
-when shrinking, ``Image.BILINEAR`` when enlarging (area resampling would only make blocks).
+At another resolution the 8x8 image is resized with Pillow in float32, rounded once:
+``Image.BOX`` (area averaging) when shrinking, ``Image.BILINEAR`` when enlarging (area
+resampling would only make blocks).
 With 3 channels the grey value is repeated into R, G and B.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from .base import ArrayDataset
+from .imageops import resize_u8
 
 NUM_TEST = 297
 SPLIT_SEED = 0
@@ -56,7 +58,7 @@ def _digits_array(split: str, resolution: int, channels: int) -> np.ndarray:
     x = images[idx[split]]
     if resolution != 8:
         method = Image.BOX if resolution < 8 else Image.BILINEAR
-        x = np.stack([np.asarray(Image.fromarray(im).resize((resolution, resolution), method)) for im in x])
+        x = np.stack([resize_u8(im[:, :, None], resolution, method)[:, :, 0] for im in x])
     x = x[..., None]
     if channels == 3:
         x = np.repeat(x, 3, axis=3)

@@ -4,7 +4,7 @@ The order is fixed: open (only PNG, JPEG and WebP decoders are allowed), refuse 
 sizes before decoding, decode fully (a truncated file raises instead of coming back half grey),
 apply the EXIF orientation, convert to ``L`` or ``RGB``, centre-crop to a square, then shrink to
 ``resolution`` with ``Image.BOX``, which averages every source pixel in a target pixel's
-footprint (area resampling). Images never get enlarged: a side shorter than ``resolution`` is
+footprint (area resampling), computed in float32 and rounded once (see :func:`resize_u8`). Images never get enlarged: a side shorter than ``resolution`` is
 a :class:`DataError`.
 
 Mode conversion, chosen so that every input mode reaches 0..255 with its meaning intact:
@@ -24,15 +24,15 @@ import os
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..errors import DataError
 from .base import one_line
 
 # Declared width x height above which a file is refused before decoding (8192 x 8192).
 MAX_PIXELS = 8192 * 8192
-# Decoders Pillow may use. MPO is the multi-picture JPEG written by many phones.
-FORMATS = ("PNG", "JPEG", "MPO", "WEBP")
+# Decoders Pillow may use (the JPEG one also opens MPO, the multi-picture JPEG of many phones).
+FORMATS = ("PNG", "JPEG", "WEBP")
 EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -56,6 +56,9 @@ def _open(path: str | os.PathLike) -> Image.Image:
 def _failure(path, exc: BaseException) -> DataError:
     if isinstance(exc, DataError):
         return exc
+    if isinstance(exc, UnidentifiedImageError):
+        return DataError(f"'{path}' is not a PNG, JPEG or WebP image (Pillow cannot identify it; "
+                         f"expected a valid PNG, JPEG or WebP file)")
     if isinstance(exc, Image.DecompressionBombError):
         return DataError(f"image '{path}' is too large to decode safely: {one_line(exc)}")
     reason = one_line(exc) or type(exc).__name__
@@ -100,16 +103,30 @@ def to_channels(im: Image.Image, channels: int) -> Image.Image:
     return im if im.mode == target else im.convert(target)
 
 
-def crop_resize(im: Image.Image, resolution: int) -> Image.Image:
-    """Centre-crop to a square (odd excess: one more pixel dropped right/bottom), BOX-resize."""
+def resize_u8(image: np.ndarray, size: int, method=Image.BOX) -> np.ndarray:
+    """uint8 [H, W, C] -> uint8 [size, size, C], resampled in float32 and rounded once.
+
+    Pillow resamples 8-bit images in two passes with an 8-bit intermediate, so its BOX output
+    can be 0.75 away from the true block mean ([[0, 0], [0, 1]] -> 1). Each channel is therefore
+    resampled as a 32-bit float ("F") image and rounded (half up) only at the end.
+    """
+    out = np.empty((size, size, image.shape[2]), dtype=np.uint8)
+    for c in range(image.shape[2]):
+        f = Image.fromarray(np.ascontiguousarray(image[:, :, c], dtype=np.float32))
+        out[:, :, c] = np.clip(np.floor(np.asarray(f.resize((size, size), method)) + 0.5), 0, 255)
+    return out
+
+
+def crop_resize(im: Image.Image, resolution: int) -> np.ndarray:
+    """Centre-crop to a square (odd excess: the extra pixel is dropped right/bottom), then
+    area-resize (BOX) to ``resolution``; returns uint8 [resolution, resolution, C]."""
     w, h = im.size
     s = min(w, h)
     left, top = (w - s) // 2, (h - s) // 2
     if (w, h) != (s, s):
         im = im.crop((left, top, left + s, top + s))
-    if s != resolution:
-        im = im.resize((resolution, resolution), Image.BOX)
-    return im
+    a = as_hwc(im)
+    return a if s == resolution else resize_u8(a, resolution, Image.BOX)
 
 
 def as_hwc(im: Image.Image) -> np.ndarray:
@@ -128,7 +145,7 @@ def decode_file(path: str | os.PathLike, resolution: int, channels: int) -> np.n
                 im2 = ImageOps.exif_transpose(im)
             except Exception:  # a malformed EXIF block does not make the pixels bad
                 im2 = im
-            return as_hwc(crop_resize(to_channels(im2, channels), resolution))
+            return crop_resize(to_channels(im2, channels), resolution)
     except Exception as exc:
         raise _failure(path, exc) from None
 
@@ -136,7 +153,7 @@ def decode_file(path: str | os.PathLike, resolution: int, channels: int) -> np.n
 def fit_array(image: np.ndarray, resolution: int, channels: int) -> np.ndarray:
     """A uint8 [H, W, C] array (C in 1, 3) through the same conversion/crop/area resize."""
     im = Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image)
-    return as_hwc(crop_resize(to_channels(im, channels), resolution))
+    return crop_resize(to_channels(im, channels), resolution)
 
 
 GREY_MODES = ("1", "L", "LA", "La", "I", "F") + _SIXTEEN_BIT
