@@ -323,6 +323,8 @@ def test_sampling_options_are_checked():
         sample(d, Toy(), (1, 2, 2), [0], sampler="plms")
     with pytest.raises(ValueError, match="1..50"):
         sample(d, Toy(), (1, 2, 2), [0], steps=0)
+    with pytest.raises(ValueError, match=">= 2"):
+        sample(d, Toy(), (1, 2, 2), [0], steps=1)
     with pytest.raises(ValueError, match="trailing, leading, linspace"):
         sample(d, Toy(), (1, 2, 2), [0], spacing="even")
     with pytest.raises(ValueError, match="seeds"):

@@ -139,6 +139,12 @@ def test_unknown_name_and_bad_range():
         get_beta_schedule("linear", 0)
 
 
+def test_top_level_exports():
+    import ddpm
+
+    assert ddpm.get_beta_schedule is get_beta_schedule and ddpm.GaussianDiffusion is GaussianDiffusion
+
+
 def test_from_config_uses_the_schedule():
     cfg = DiffusionConfig(num_timesteps=50, beta_schedule="quad", beta_start=2e-3, beta_end=0.3,
                           mean_type="xstart", var_type="fixedsmall", loss_type="kl")

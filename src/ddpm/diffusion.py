@@ -126,8 +126,8 @@ class CoefTable:
 
     def __init__(self, arrays: dict[str, np.ndarray], device, dtype: torch.dtype):
         # float64 -> dtype happens here, once, exactly as the per-batch gather would do it.
-        self.tensors = {k: torch.as_tensor(v, dtype=torch.float64).to(device=device, dtype=dtype)
-                        for k, v in arrays.items()}
+        # (Cast on the CPU, then move: some devices, e.g. MPS, have no float64.)
+        self.tensors = {k: torch.as_tensor(v, dtype=torch.float64).to(dtype).to(device) for k, v in arrays.items()}
 
     def at(self, k: int) -> StepCoefs:
         """0-d views for step k (no host-device synchronisation)."""

@@ -74,7 +74,7 @@ def respace(diffusion: GaussianDiffusion, use_timesteps: Sequence[int]) -> tuple
     if not use or use[0] < 0 or use[-1] >= T:
         raise SamplingOptionError(f"kept timesteps must be a non-empty subset of 0..{T - 1}, got {list(use_timesteps)}")
     if len(use) < 2:
-        raise SamplingOptionError("a respaced chain needs at least 2 steps")
+        raise SamplingOptionError("sampling steps must be >= 2: a respaced chain needs at least 2 steps")
     betas, prev, last_abar = [], -1, 1.0
     for i in use:
         betas.append(diffusion.betas[i] if i == prev + 1 else 1.0 - diffusion.alphas_cumprod[i] / last_abar)
@@ -134,7 +134,7 @@ class Stepper:
         device = torch.device(device)
 
         def table(a: np.ndarray) -> list[torch.Tensor]:
-            t = torch.as_tensor(a, dtype=torch.float64).to(device=device, dtype=dtype)
+            t = torch.as_tensor(a, dtype=torch.float64).to(dtype).to(device)  # cast on the CPU (MPS has no float64)
             return [t[k] for k in range(S)]
 
         coef_table = diffusion.coef_table(device, dtype)
