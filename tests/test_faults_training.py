@@ -133,9 +133,7 @@ def _kill_segment(run: Path, how: str, rng: random.Random, log_file: Path) -> di
         seen_tmp = None
         deadline = time.monotonic() + 120
         try:
-            if how == "startup":
-                time.sleep(rng.uniform(0.0, 1.5))
-            elif how == "mid-write":
+            if how == "mid-write":
                 # kill while a checkpoint is being written: its temporary file exists
                 target = min(start + rng.randint(1, 2), N_STEPS)
                 while time.monotonic() < deadline and proc.poll() is None:
