@@ -328,6 +328,43 @@ def test_evil_pickle_refused_by_ddpm_load(tmp_path):
     assert not marker.exists(), "a pickle was unpickled"
 
 
+@pytest.mark.parametrize("fmt", ["torch.save", "pickle"])
+def test_evil_bin_in_diffusers_folder_is_refused(tmp_path, fmt, capsys):
+    """``convert from-diffusers`` reads a ``.bin`` only as plain tensors: the payload never runs."""
+    diffusers = pytest.importorskip("ddpm.interop.diffusers")
+    from ddpm.cli import main
+    from ddpm.config import apply_overrides, get_preset
+    from ddpm.nets.unet import UNet
+
+    cfg = apply_overrides(get_preset("digits"), ["model.ch=32", "model.ch_mult=1,2", "model.num_res_blocks=1",
+                                                 "model.attn_resolutions=4", "diffusion.num_timesteps=20"])
+    ours = tmp_path / "ours.safetensors"
+    save_checkpoint(ours, ck.add_prefix(UNet.from_config(cfg.model, cfg.out_channels).state_dict(), "ema/"),
+                    {"config": cfg.to_dict(), "step": 0, "kind": "weights"})
+    folder = tmp_path / "hub"
+    diffusers.to_diffusers_dir(ours, folder)  # a valid config.json for a tiny UNet2DModel
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    marker = tmp_path / "PWNED"
+    bin_ = folder / "diffusion_pytorch_model.bin"
+    if fmt == "torch.save":
+        _evil_torch_save(marker, bin_)
+        live = tmp_path / "live.bin"
+        _evil_torch_save(tmp_path / "live_check", live)
+        torch.load(live, weights_only=False)  # the payload is live under a plain (unsafe) load
+        assert (tmp_path / "live_check").exists()
+    else:
+        bin_.write_bytes(_evil_pickle(marker))
+    out = tmp_path / "converted.safetensors"
+    with pytest.raises(CheckpointError) as ei:
+        diffusers.from_diffusers_dir(folder, out)
+    assert str(bin_) in str(ei.value)
+    rc = main(["convert", "from-diffusers", str(folder), str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not marker.exists(), "a pickle was unpickled"
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # disk full while saving
 
