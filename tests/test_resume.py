@@ -143,3 +143,16 @@ def test_resume_refuses_to_overwrite_newer_checkpoints(tmp_path):
     run(with_steps(cfg, 3), tmp_path)
     with pytest.raises(UserError, match="newer"):
         run(with_steps(cfg, 4), tmp_path, resume=str(tmp_path / "checkpoints" / "ckpt_000000002.safetensors"))
+
+
+def test_prefetching_workers_do_not_change_the_data_order_or_the_resume_point(tmp_path):
+    # Workers decode batches ahead; the checkpointed data position must still be the consumed one,
+    # and starting them must not consume the global RNG that dropout uses.
+    cfg = tiny_config(dropout=0.1)
+    straight = run(with_steps(cfg, 4), tmp_path / "straight")
+    with_workers = replace(cfg, train=replace(cfg.train, num_workers=2))
+    run(with_steps(with_workers, 2), tmp_path / "split")
+    meta = load_checkpoint(tmp_path / "split" / "checkpoints" / "ckpt_000000002.safetensors")[1]
+    assert meta["data_sampler"] == {"epoch": 0, "position": 16}
+    resumed = run(with_steps(cfg, 4), tmp_path / "split", resume="auto")
+    assert_identical_state(straight["checkpoint"], resumed["checkpoint"])

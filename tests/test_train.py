@@ -336,3 +336,17 @@ def test_run_stops_after_max_nonfinite_in_row(tmp_path, monkeypatch):
     files = list_checkpoints(tmp_path / "checkpoints")
     assert [f.name for f in files][-1] == "ckpt_000000004.safetensors"  # stopped during step 5
     assert files and all(_all_finite(f) for f in files)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_cpu_trains_in_fp32_weights(tmp_path, precision):
+    r = run(tiny_config(total_steps=2, warmup_steps=0, precision=precision, log_every=2), tmp_path)
+    tensors, meta = load_checkpoint(r["checkpoint"])
+    assert meta["precision"] == precision
+    assert (meta["grad_scaler"] is not None) == (precision == "fp16")
+    assert all(v.dtype == torch.float32 for k, v in tensors.items() if k.startswith(("model/", "ema/")))
+    assert _all_finite(r["checkpoint"]) and math.isfinite(r["loss"])
+    fp32 = ckpt(run(tiny_config(total_steps=2, warmup_steps=0, log_every=2), tmp_path / "fp32")["checkpoint"])
+    # autocast really ran: the update differs from fp32's, but only slightly (~ one Adam step of lr)
+    diffs = [float((tensors[k] - fp32[k]).abs().max()) for k in fp32 if k.startswith("model/")]
+    assert max(diffs) > 0 and max(diffs) < 2 * 1e-3 * 2

@@ -96,7 +96,10 @@ class BatchSource:
         feed.load_state_dict(self.sampler.state_dict())
         loader = DataLoader(_LocalBatches(self.dataset), sampler=_LocalStream(feed, self.lo, self.hi),
                             batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-                            pin_memory=self.pin_memory, prefetch_factor=4)
+                            pin_memory=self.pin_memory, prefetch_factor=4,
+                            # Worker seeds from a private generator: drawing them from the global
+                            # RNG would shift dropout's stream (and break exact resume).
+                            generator=torch.Generator().manual_seed(0))
         self._iter = iter(loader)
 
     def next(self) -> torch.Tensor:
