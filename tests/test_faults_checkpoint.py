@@ -167,8 +167,10 @@ def test_single_bit_flips_anywhere_in_header(good, tmp_path):
     end = 8 + _header_len(data)
     p = tmp_path / "flip.safetensors"
     undetected = []
+    rng = random.Random(2)
     for pos in range(end):
-        for bit in (0x01, 0x04):
+        # every position with its lowest bit (digit 3 <-> 2, letter c <-> b), a sample with bit 2
+        for bit in (0x01, 0x04) if rng.random() < 0.2 else (0x01,):
             d = bytearray(data)
             d[pos] ^= bit
             p.write_bytes(bytes(d))
