@@ -165,9 +165,16 @@ def test_compute_fid_plumbing_and_reference_cache(tmp_path):
     out2 = compute_fid(samples, "digits:train", cache_dir=tmp_path, extractor=ex2, batch_size=50, is_splits=2)
     assert ex2.images == 120  # the reference statistics came from the cache
     assert out2["fid"] == pytest.approx(out["fid"], rel=1e-12)
+    # The split can be given separately; the same statistics come from the cache.
+    ex3 = StandIn()
+    out3 = compute_fid(samples, "digits", split="train", cache_dir=tmp_path, extractor=ex3, is_splits=2)
+    assert ex3.images == 120 and out3["fid"] == out2["fid"]
     # A different n (or split) is a different cache entry.
     compute_fid(samples, "digits:train", cache_dir=tmp_path, extractor=StandIn(), n_reference=200, with_kid=False)
-    assert len(list((tmp_path / "fid").glob("*.npz"))) == 2
+    compute_fid(samples, "digits", split="test", cache_dir=tmp_path, extractor=StandIn(), with_kid=False)
+    assert len(list((tmp_path / "fid").glob("*.npz"))) == 3
+    with pytest.raises(UserError, match="names split 'train'"):
+        compute_fid(samples, "digits:train", split="test", cache_dir=tmp_path, extractor=StandIn())
 
 
 def test_float_samples_are_quantised_to_uint8(tmp_path):

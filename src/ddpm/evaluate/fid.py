@@ -333,12 +333,15 @@ def extract_features(images_u8: np.ndarray, extractor: Extractor, batch_size: in
 _SPLITS = ("train", "test", "val", "validation")
 
 
-def parse_reference(reference: str) -> tuple[str, str]:
-    """``"SOURCE:SPLIT"`` or ``"SOURCE"`` (split ``train``, the paper's FID reference) -> (source, split)."""
-    source, sep, split = str(reference).rpartition(":")
-    if sep and split in _SPLITS and source:
-        return source, split
-    return str(reference), "train"
+def parse_reference(reference: str, split: str | None = None) -> tuple[str, str]:
+    """``"SOURCE:SPLIT"`` or ``"SOURCE"`` plus ``split`` (default ``train``, the paper's FID
+    reference) -> (source, split)."""
+    source, sep, named = str(reference).rpartition(":")
+    if sep and source and named in _SPLITS:
+        if split is not None and split != named:
+            raise UserError(f"reference '{reference}' names split '{named}' but split '{split}' was given")
+        return source, named
+    return str(reference), split or "train"
 
 
 def reference_cache_path(cache_dir: Path, source: str, split: str, n: int | None, resolution: int,
@@ -351,13 +354,14 @@ def reference_cache_path(cache_dir: Path, source: str, split: str, n: int | None
 
 
 def reference_statistics(reference: str, resolution: int, channels: int, extractor: Extractor, *,
-                         cache_dir: str | os.PathLike | None = None, n_reference: int | None = None,
-                         batch_size: int = 100, progress: bool = False) -> dict[str, Any]:
+                         split: str | None = None, cache_dir: str | os.PathLike | None = None,
+                         n_reference: int | None = None, batch_size: int = 100,
+                         progress: bool = False) -> dict[str, Any]:
     """mu [D], sigma [D, D] and up to 2000 features (for KID) of the reference images.
 
     ``reference`` is a ``.npz`` file holding ``mu`` and ``sigma`` (optionally ``kid_features``),
-    or ``"SOURCE:SPLIT"`` read with ``ddpm.data.load_images(source, split, resolution, channels,
-    n=n_reference)`` (no augmentation). The latter is computed once and cached under
+    or ``"SOURCE:SPLIT"`` / ``"SOURCE"`` with ``split`` (default ``train``) read with
+    ``ddpm.data.load_images(source, split, resolution, channels, n=n_reference)`` (no augmentation). The latter is computed once and cached under
     ``cache_dir/fid/`` keyed by (source, split, n, resolution, channels, extractor name).
     """
     ref = Path(str(reference))
@@ -369,7 +373,7 @@ def reference_statistics(reference: str, resolution: int, channels: int, extract
             raise DataError(f"reference {ref}: expected arrays 'mu' and 'sigma', found {sorted(z)}")
         return {"mu": z["mu"], "sigma": z["sigma"], "kid_features": z.get("kid_features"),
                 "n": int(z["n"]) if "n" in z else None, "cached": True}
-    source, split = parse_reference(reference)
+    source, split = parse_reference(reference, split)
     name = getattr(extractor, "name", type(extractor).__name__)
     path = reference_cache_path(default_cache_dir(cache_dir), source, split, n_reference, resolution, channels, name)
     if path.is_file():
@@ -390,7 +394,8 @@ def reference_statistics(reference: str, resolution: int, channels: int, extract
     return {"mu": mu, "sigma": sigma, "kid_features": kid_feats, "n": len(pool), "cached": False, "path": str(path)}
 
 
-def compute_fid(samples: Any, reference: str = "cifar10:train", *, cache_dir: str | os.PathLike | None = None,
+def compute_fid(samples: Any, reference: str = "cifar10:train", *, split: str | None = None,
+                cache_dir: str | os.PathLike | None = None,
                 inception_weights: str | os.PathLike | None = None, batch_size: int = 100,
                 device: str | torch.device = "cpu", n_reference: int | None = None,
                 extractor: Extractor | None = None, is_splits: int = 10, with_kid: bool = True,
@@ -400,7 +405,10 @@ def compute_fid(samples: Any, reference: str = "cifar10:train", *, cache_dir: st
     Args:
         samples: uint8 [N, H, W, C], float [N, C, H, W] in [-1, 1], a ``.npz`` or an image
             folder (see :func:`load_samples`). Floats are quantised to uint8 first.
-        reference: ``"SOURCE:SPLIT"`` (statistics computed once and cached) or a stats ``.npz``.
+        reference: a dataset source as ``ddpm.data`` reads it, optionally ``"SOURCE:SPLIT"``
+            (statistics computed once and cached), or a stats ``.npz`` (``mu``, ``sigma``).
+        split: the reference split when ``reference`` names none (default ``train``: the
+            paper's FID is against the training set, spec 9).
         cache_dir: cache folder (default ``$DDPM_CACHE_DIR`` or ``~/.cache/ddpm``).
         inception_weights: local Inception weights file (else ``$DDPM_INCEPTION_WEIGHTS`` or
             torch hub's cache); never downloaded.
@@ -419,7 +427,7 @@ def compute_fid(samples: Any, reference: str = "cifar10:train", *, cache_dir: st
     n, h, w, c = images.shape
     if h != w:
         raise DataError(f"samples: expected square images, got {h}x{w}")
-    ref = reference_statistics(reference, h, c, extractor, cache_dir=cache_dir, n_reference=n_reference,
+    ref = reference_statistics(reference, h, c, extractor, split=split, cache_dir=cache_dir, n_reference=n_reference,
                                batch_size=batch_size, progress=progress)
     pool, logits = extract_features(images, extractor, batch_size=batch_size, progress=progress)
     mu, sigma = feature_statistics(pool)
