@@ -271,6 +271,13 @@ def test_folder_centre_crop_and_area_resize(tmp_path):
     np.testing.assert_array_equal(ds[1], expect.transpose(1, 0, 2).astype(np.uint8))
     # at the crop's own size nothing is resampled
     np.testing.assert_array_equal(open_dataset(str(tmp_path), "test", 8, 3)[0], core)
+    # the block mean is rounded once, half up: [[0, 0], [0, 2]] -> 1 but [[0, 0], [0, 1]] -> 0
+    # (Pillow's own 8-bit BOX rounds after each pass and gives 1 for both)
+    cases = (([[0, 0], [0, 2]], 1), ([[0, 0], [0, 1]], 0), ([[3, 4], [4, 4]], 4))
+    for k, (block, _) in enumerate(cases):
+        save(tmp_path / "ties" / f"{k}.png", Image.fromarray(np.array(block, dtype=np.uint8)))
+    got = load_images(str(tmp_path / "ties"), "train", 1, 1).reshape(-1)
+    np.testing.assert_array_equal(got, [want for _, want in cases])
     # odd excess: left = (9 - 8) // 2 = 0, so a 9x8 image keeps columns 0..7 and drops column 8
     odd = rng.integers(0, 256, (8, 9, 3), dtype=np.uint8)
     save(tmp_path / "c" / "odd.png", Image.fromarray(odd))

@@ -4,7 +4,9 @@ The order is fixed: open (only PNG, JPEG and WebP decoders are allowed), refuse 
 sizes before decoding, decode fully (a truncated file raises instead of coming back half grey),
 apply the EXIF orientation, convert to ``L`` or ``RGB``, centre-crop to a square, then shrink to
 ``resolution`` with ``Image.BOX``, which averages every source pixel in a target pixel's
-footprint (area resampling), computed in float32 and rounded once (see :func:`resize_u8`). Images never get enlarged: a side shorter than ``resolution`` is
+footprint (area resampling), computed exactly (whole factors) or in float32 and rounded once
+(see :func:`resize_u8`). For a non-whole factor Pillow's BOX gives each source pixel wholly to
+the target pixel whose footprint holds its centre (no fractional weights). Images never get enlarged: a side shorter than ``resolution`` is
 a :class:`DataError`.
 
 Mode conversion, chosen so that every input mode reaches 0..255 with its meaning intact:
@@ -108,8 +110,22 @@ def resize_u8(image: np.ndarray, size: int, method=Image.BOX) -> np.ndarray:
 
     Pillow resamples 8-bit images in two passes with an 8-bit intermediate, so its BOX output
     can be 0.75 away from the true block mean ([[0, 0], [0, 1]] -> 1). Each channel is therefore
-    resampled as a 32-bit float ("F") image and rounded (half up) only at the end.
+    resampled as a 32-bit float ("F") image and rounded (half up) only at the end. A BOX shrink
+    by a whole factor f (e.g. 1024 -> 256) is the exact mean of f x f blocks, computed in
+    integers instead (several times faster, and exact on .5 ties).
     """
+    h, w, c = image.shape
+    if method == Image.BOX and h == w and h % size == 0:
+        f = h // size
+        rows = image.astype(np.uint32).reshape(size, f, w, c)
+        acc = rows[:, 0].copy()
+        for k in range(1, f):  # f strided adds beat numpy's multi-axis sum several times over
+            acc += rows[:, k]
+        cols = acc.reshape(size, size, f, c)
+        sums = cols[:, :, 0].copy()
+        for k in range(1, f):
+            sums += cols[:, :, k]
+        return ((2 * sums + f * f) // (2 * f * f)).astype(np.uint8)  # mean, rounded half up
     out = np.empty((size, size, image.shape[2]), dtype=np.uint8)
     for c in range(image.shape[2]):
         f = Image.fromarray(np.ascontiguousarray(image[:, :, c], dtype=np.float32))
