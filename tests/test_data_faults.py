@@ -231,7 +231,7 @@ def batch(data) -> bytes:
     return pickle.dumps({b"data": data, b"labels": [0] * len(data)}, protocol=2)
 
 
-def test_fake_cifar_archives(tmp_path):
+def test_fake_cifar_archives(tmp_path, monkeypatch):
     names = [f"cifar-10-batches-py/data_batch_{k}" for k in range(1, 6)]
     good = np.zeros((2, 3072), np.uint8)
     cases = {
@@ -257,6 +257,12 @@ def test_fake_cifar_archives(tmp_path):
     raises_one_line(lambda: open_dataset(str(cut)), "cut.tar.gz")
     assert len(open_dataset(str(full))) == 10
     raises_one_line(lambda: open_dataset(str(full), "test"), "full.tar.gz", "test_batch")
+    # an oversized member is refused from its declared size, before it is read
+    from ddpm.datasets import cifar
+
+    with monkeypatch.context() as m:
+        m.setattr(cifar, "MAX_MEMBER_BYTES", 1000)
+        raises_one_line(lambda: open_dataset(str(full)), "full.tar.gz", "data_batch_1", "limit")
     folder = tmp_path / "cifar-10-batches-py"
     folder.mkdir()
     (folder / "data_batch_1").write_bytes(batch(good))

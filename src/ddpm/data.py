@@ -16,8 +16,9 @@
 Every item is a uint8 numpy array [resolution, resolution, channels]; ``ddpm.images.to_model``
 turns a batch into the network's [-1, 1] NCHW floats. Unreadable data raises
 :class:`ddpm.errors.DataError` with a one-line message naming the file; ``skip_bad=True`` skips
-bad image files instead, counts them in ``dataset.skipped`` and reports each through ``log``
-(a callable taking a str) or ``warnings.warn``.
+bad image files of a folder instead, counts them in ``dataset.skipped`` and reports each
+through ``log`` (a callable taking a str) or ``warnings.warn``. A bad CIFAR archive or array
+file is always an error: it is one file, there is nothing to skip to.
 
 Training order: :class:`EpochSampler` (per-epoch permutations and flip bits from
 ``default_rng([seed, epoch])``, resumable) and :func:`apply_flips`.

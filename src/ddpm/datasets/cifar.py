@@ -29,6 +29,9 @@ from .imageops import fit_array
 TRAIN_MEMBERS = tuple(f"data_batch_{k}" for k in range(1, 6))
 TEST_MEMBERS = ("test_batch",)
 FOLDER_NAME = "cifar-10-batches-py"
+# A real batch pickle is 31,035,704 bytes (10,000 images). Anything far larger is refused before
+# it is read into memory (a tar member can declare, and a gzip stream can inflate to, any size).
+MAX_MEMBER_BYTES = 256 * 1024 * 1024
 _EXPECTED = "expected the CIFAR-10 python version (cifar-10-python.tar.gz or its cifar-10-batches-py folder)"
 
 
@@ -96,6 +99,12 @@ def _batch_images(obj: object, what: str) -> np.ndarray:
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
 
 
+def _check_size(what: str, size: int) -> None:
+    if size > MAX_MEMBER_BYTES:
+        raise DataError(f"'{what}' is {size} bytes, over the {MAX_MEMBER_BYTES}-byte limit for one batch "
+                        f"(a real CIFAR-10 batch is about 31 MB); {_EXPECTED}")
+
+
 def _read_archive(path: Path, wanted: tuple[str, ...]) -> dict[str, bytes]:
     """The raw bytes of the ``wanted`` members of a tar archive, found by base name."""
     found: dict[str, bytes] = {}
@@ -104,6 +113,7 @@ def _read_archive(path: Path, wanted: tuple[str, ...]) -> dict[str, bytes]:
             for member in tar:
                 base = member.name.rstrip("/").rsplit("/", 1)[-1]
                 if member.isfile() and base in wanted and base not in found:
+                    _check_size(f"{path}: {base}", member.size)
                     f = tar.extractfile(member)
                     found[base] = f.read() if f is not None else b""
     except tarfile.ReadError as exc:
@@ -119,6 +129,7 @@ def _read_folder(path: Path, wanted: tuple[str, ...]) -> dict[str, bytes]:
     for name in wanted:
         f = path / name
         if f.is_file():
+            _check_size(str(f), f.stat().st_size)
             try:
                 found[name] = f.read_bytes()
             except OSError as exc:
