@@ -74,6 +74,8 @@ def test_preset_errors_name_the_problem():
         UNet.from_preset("cifar1")
     with pytest.raises(ConfigError, match="dropuot"):
         UNet.from_preset("digits", dropuot=0.1)
+    with pytest.raises(ConfigError, match="ch=48"):
+        UNet.from_preset("digits", ch=48)
 
 
 def test_attention_placement_and_blocks_per_level():

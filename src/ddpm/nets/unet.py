@@ -283,9 +283,13 @@ class UNet(nn.Module):
                                            ch_mult=ch_mult, num_res_blocks=int(num_res_blocks),
                                            attn_resolutions=attn_resolutions, dropout=float(dropout),
                                            resolution=int(resolution))
-        if ch % _GN_GROUPS or any((ch * m) % _GN_GROUPS for m in ch_mult):
-            raise ValueError(f"UNet: every width ch*ch_mult must be a multiple of {_GN_GROUPS} (GroupNorm), "
-                             f"got ch={ch}, ch_mult={ch_mult}")
+        from ..errors import ConfigError
+
+        if ch <= 0 or ch % _GN_GROUPS or not ch_mult or any(m < 1 or (ch * m) % _GN_GROUPS for m in ch_mult):
+            raise ConfigError(f"UNet: ch={ch}, ch_mult={ch_mult}: every width ch*ch_mult must be a positive "
+                              f"multiple of {_GN_GROUPS} (GroupNorm groups)")
+        if num_res_blocks < 1:
+            raise ConfigError(f"UNet: num_res_blocks={num_res_blocks}; expected an integer >= 1")
         temb_ch = 4 * ch
         self.temb = TimestepMLP(ch, temb_ch)
         self.conv_in = _conv(in_channels, ch)
