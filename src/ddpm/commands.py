@@ -90,7 +90,7 @@ def resolve_train_config(args: argparse.Namespace) -> Config:
     if args.preset is None and args.resume is not None and run_cfg is not None and run_cfg.is_file():
         cfg = Config.from_json(run_cfg.read_text())
     else:
-        cfg = get_preset(args.preset or "digits")
+        cfg = get_preset("digits" if args.preset is None else args.preset)
     if args.data is not None:
         cfg = replace(cfg, data=replace(cfg.data, source=args.data))
     return apply_overrides(cfg, list(args.overrides))
@@ -99,6 +99,8 @@ def resolve_train_config(args: argparse.Namespace) -> Config:
 def cmd_train(args: argparse.Namespace) -> None:
     cfg = resolve_train_config(args)
     out = Path(args.out or f"runs/{cfg.preset}")
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a folder; expected a run folder")
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
         raise UserError(f"--resume {args.resume}: no such checkpoint file (use 'auto' or a ckpt_*.safetensors path)")
     if args.dry_run:
@@ -134,6 +136,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if args.interp_t is not None and args.interp_t >= T:
         raise UserError(f"--interp-t {args.interp_t}: expected 0..{T - 1}")
     shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
+    pair = None
+    if args.interpolate:  # read the two test images first: a bad --data must fail before any file is written
+        from .data import load_images
+        from .images import to_model
+
+        pair = to_model(load_images(args.data or cfg.data.source, "test", cfg.model.resolution,
+                                    cfg.model.in_channels, n=2), dev)
+        if len(pair) < 2:
+            raise UserError(f"--data {args.data or cfg.data.source}: --interpolate needs at least 2 test images")
     seeds = list(range(args.seed, args.seed + args.n))
     common = dict(device=dev, amp_dtype=_amp(args.precision), progress=not args.no_progress)
     x = sample(diffusion, model, shape, seeds, batch_size=args.batch_size, sampler=args.sampler,
@@ -147,7 +158,6 @@ def cmd_sample(args: argparse.Namespace) -> None:
         from .evaluate import figures
         from .sampling import interpolate, sample_chains, sample_progressive
 
-        torch.manual_seed(args.seed)
         if args.progressive:
             n = min(args.n, 8)
             every = max(1, T // 10)
@@ -162,11 +172,6 @@ def cmd_sample(args: argparse.Namespace) -> None:
             figures.save_chains(xc, splits, path)
             print(f"wrote shared-latent chains (Fig. 7) to {path}")
         if args.interpolate:
-            from .data import load_images
-            from .images import to_model
-
-            src = args.data or cfg.data.source
-            pair = to_model(load_images(src, "test", cfg.model.resolution, cfg.model.in_channels, n=2), dev)
             t = args.interp_t if args.interp_t is not None else T // 2
             lambdas = [i / 10 for i in range(11)]
             xi = interpolate(diffusion, model, pair[0], pair[1], t, lambdas, args.seed, **common)
