@@ -120,8 +120,6 @@ def cmd_train(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------- sample
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    import torch
-
     from .api import load
     from .images import save_grid, to_uint8
     from .sampling import sample
