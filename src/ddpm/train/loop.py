@@ -132,9 +132,10 @@ class _Trainer:
     # ------------------------------------------------------------------------------------ setup
 
     def _choose_start(self, resume: str | None) -> tuple[str | None, dict | None, dict | None]:
-        """(checkpoint path or None, tensors, meta) decided on rank 0."""
+        """(checkpoint path or None, tensors, meta): rank 0 decides, every rank then loads."""
+        loaded: dict[str, tuple[dict, dict]] = {}  # rank 0 keeps what it verified: no second read
 
-        def decide():
+        def decide() -> str | None:
             if resume is None:
                 refuse_overwrite(self.run_dir)
                 return None
@@ -143,37 +144,27 @@ class _Trainer:
                 if found is None:
                     self.log(f"no checkpoint in {self.run_dir.ckpt_dir}; starting a fresh run")
                     return None
+                loaded[str(found[0])] = (found[1], found[2])
                 return str(found[0])
             path = Path(resume)
             if not path.is_file():
                 raise CheckpointError(f"--resume {resume}: no such checkpoint file "
                                       f"(use 'auto' or a ckpt_*.safetensors path)")
-            _, meta = load_checkpoint(path)  # verifies the checksum before anything is written
+            tensors, meta = load_checkpoint(path)  # verifies the checksum before anything is written
             check_train_meta(path, meta)
             newer = [f.name for f in self.run_dir.checkpoints() if step_of(f) > int(meta["step"])]
             if newer:
                 raise UserError(f"{self.run_dir.root} holds checkpoints newer than {path.name} ({newer[-1]}); "
                                 f"resuming there would overwrite them: choose another --out")
+            loaded[str(path)] = (tensors, meta)
             return str(path)
 
-        loaded: dict[str, tuple] = {}
-
-        def decide_and_keep():
-            # Rank 0 keeps what it already loaded and verified, instead of reading the file twice.
-            if resume == "auto":
-                found = find_resume_checkpoint(self.run_dir, self.log) if self.run_dir.checkpoints() else None
-                if found is None:
-                    return decide()
-                loaded[str(found[0])] = found[1:]
-                return str(found[0])
-            return decide()
-
-        path = _rank0(self.env, decide_and_keep)
+        path = _rank0(self.env, decide)
         if path is None:
             return None, None, None
         if path in loaded:
             tensors, meta = loaded.pop(path)
-        else:
+        else:  # other ranks (the run folder must be on a filesystem every node sees)
             tensors, meta = load_checkpoint(path)
             check_train_meta(Path(path), meta)
         return path, tensors, meta
@@ -410,6 +401,9 @@ class _Trainer:
                      f"({self.precision.name}), steps {self.step} -> {tc.total_steps}, run folder {self.run_dir.root}")
         D.barrier(env)
 
+        if self.step >= tc.total_steps:
+            self.log(f"already at step {self.step} >= train.total_steps={tc.total_steps}; nothing to do "
+                     f"(raise train.total_steps to train longer)")
         window = Window(self.T)
         self.bar = Progress(self.show_progress, self.step, tc.total_steps)
         self.lr = warmup_lr(self.step, tc.lr, tc.warmup_steps)
