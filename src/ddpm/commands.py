@@ -204,7 +204,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         print(f"wrote {out}")
     elif args.what == "rd":
         from .evaluate.nll import NLLResult
-        from .evaluate.rd import plot_rd, rate_distortion, save_rd
+        from .evaluate.rd import format_table, plot_rd, rate_distortion, save_rd
 
         if (args.ckpt is None) == (args.from_json is None):
             raise UserError("give exactly one of --ckpt (run a new pass) or --from NLL.json (reuse one)")
@@ -218,10 +218,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         save_rd(rows, out, csv)
         plot_rd(rows, png)
         print(f"rate-distortion on {what}; total {result.total_bpd:.4f} bits/dim")
-        T = len(rows)
-        for r in rows:
-            if r["reverse_steps"] in {T, *range(T - (T // 10) * 9, 0, -(T // 10))} or T <= 10:
-                print(f"  reverse steps {r['reverse_steps']:5d}  rate {r['rate_bpd']:.5f}  RMSE {r['distortion_rmse']:.4f}")
+        print(format_table(rows, every=max(1, len(rows) // 10)))
         print(f"wrote {out}, {csv}, {png}")
     elif args.what == "fid":
         _eval_fid(args)
@@ -238,15 +235,15 @@ def _samples_from(args: argparse.Namespace, n: int):
 
         return read_samples(args.samples), None
     from .api import load
-    from .images import to_uint8
-    from .sampling import sample
+    from .evaluate.fid import generate_samples
 
     dev = _device(args.device)
     model, diffusion, cfg, _ = load(args.ckpt, device=dev)
     shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
-    x = sample(diffusion, model, shape, list(range(args.seed, args.seed + n)), batch_size=args.batch_size,
-               device=dev, amp_dtype=_amp(args.precision), progress=True)
-    return to_uint8(x), cfg
+    # split over ranks under torchrun (image k still uses seed SEED+k), gathered on every rank
+    images = generate_samples(diffusion, model, n, shape, seed=args.seed, batch_size=args.batch_size, device=dev,
+                              amp_dtype=_amp(args.precision), progress=True)
+    return images, cfg
 
 
 def _eval_fid(args: argparse.Namespace) -> None:
@@ -265,14 +262,19 @@ def _eval_fid(args: argparse.Namespace) -> None:
 
 
 def _eval_quality(args: argparse.Namespace) -> None:
-    from .evaluate.digits_quality import digits_quality
+    from .evaluate.digits_quality import digits_quality, digits_reference
 
     out = _check_suffix(args.out, ".json", "--out")
     samples, _ = _samples_from(args, args.n)
     res = digits_quality(samples)
+    ref = digits_reference()
+    res["reference"] = {k: ref[k] for k in ("test_accuracy", "train_vs_test", "noise_vs_test")}
     _write_json(out, res)
-    print(f"digits quality of {len(samples)} samples: Fréchet distance {res['fd']:.3f}  "
-          f"classifier confidence {res['confidence']:.3f}  class histogram {res['class_histogram']}")
+    real, noise = ref["train_vs_test"], ref["noise_vs_test"]
+    print(f"digits quality of {len(samples)} samples: Fréchet distance {res['fd']:.3f}, classifier confidence "
+          f"{res['confidence']:.3f}, class balance {res['balance']:.3f}, class histogram {res['class_histogram']}")
+    print(f"  for scale: real train digits score {real['fd']:.3f} / {real['confidence']:.3f} / {real['balance']:.3f}; "
+          f"uniform noise {noise['fd']:.1f} / {noise['confidence']:.3f} / {noise['balance']:.3f}")
     print(f"wrote {out}")
 
 

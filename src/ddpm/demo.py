@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{out / 'samples_interpolation.png'}  {out / 'rd.png'}")
     print(f"  test bits/dim    {nll['total_bpd']:.4f} ± {nll['total_bpd_stderr']:.4f}  "
           f"(L0 {nll['decoder_bpd']:.4f}, rate {nll['rate_bpd']:.4f}, prior {nll['prior_bpd']:.2e})")
-    print(f"  sample quality   Fréchet distance {q['fd']:.3f} (classifier features; real test digits: "
-          f"{q.get('reference_fd', float('nan')):.3f}), confidence {q['confidence']:.3f}")
+    real = q["reference"]["train_vs_test"]
+    print(f"  sample quality   Fréchet distance {q['fd']:.3f}, confidence {q['confidence']:.3f}, balance "
+          f"{q['balance']:.3f}  (real train digits: {real['fd']:.3f}, {real['confidence']:.3f}, {real['balance']:.3f})")
     print(f"  wall time        " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     print("=" * 72)
     return 0
