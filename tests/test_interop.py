@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ddpm
-from ddpm.checkpoint import add_prefix, load_checkpoint, save_checkpoint, split_prefix
+from ddpm.checkpoint import add_prefix, load_checkpoint, save_checkpoint
 from ddpm.config import Config, DiffusionConfig, ModelConfig
 from ddpm.errors import CheckpointError
 from ddpm.interop.diffusers import (diffusers_config_to_model, from_diffusers_dir, model_to_diffusers_config,
