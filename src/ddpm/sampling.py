@@ -7,19 +7,24 @@ DDIM with eta = 0, where it is unused), so image k is the same whatever the batc
 
 Speed: every per-step coefficient is gathered once, before the loop, as float32 tensors on the
 device (float64 -> float32 exactly as the per-batch gather of :class:`GaussianDiffusion` does), and
-the loop makes no host-device synchronisation and no per-image Python work.
+the loop makes no host-device synchronisation and no per-image Python work. The network runs
+through :class:`ddpm.fast.FastModel`: by default with channels_last weights and inputs (an
+``nn.Module`` on CPU/CUDA), optionally ``compile``-d with inductor and, on CUDA, replayed from a
+CUDA graph (``cuda_graph``); these change the results only by float rounding.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .diffusion import GaussianDiffusion, StepCoefs, call_model
 from .errors import ConfigError, suggest
+from .fast import FastModel, channels_last as _channels_last_weights
 from .rng import ImageNoise
 
 SAMPLERS = ("ancestral", "ddim")
@@ -209,8 +214,17 @@ def _progress(progress: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc)
 
 
+@contextlib.contextmanager
+def _fast_model(model: Callable, device, channels_last: bool | None, compile: bool,
+                cuda_graph: bool) -> Iterator[Callable]:
+    """``model`` wrapped in :class:`ddpm.fast.FastModel`, its weights channels_last for the block."""
+    fm = FastModel(model, device, channels_last=channels_last, compile=compile, cuda_graph=cuda_graph)
+    with _channels_last_weights(model, enabled=fm.channels_last):
+        yield fm
+
+
 def _sample_impl(diffusion, model, shape, seeds, batch_size, device, sampler, steps, spacing, eta, clip_denoised,
-                 amp_dtype, progress, every=None):
+                 amp_dtype, progress, every=None, fast=None):
     shape, seeds = _check_shape(shape), _check_seeds(seeds)
     batch_size = len(seeds) if batch_size is None else int(batch_size)
     if batch_size < 1:
@@ -223,21 +237,10 @@ def _sample_impl(diffusion, model, shape, seeds, batch_size, device, sampler, st
     batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
     pbar = _progress(progress, len(batches) * S, "sampling")
     finals, records = [], []
-    for b_seeds in batches:
-        noise = ImageNoise(b_seeds, shape, device, torch.float32)
-        x = noise.next()  # x_T ~ N(0, I): the first draw of every image's stream
-        rec, on_step = None, None
-        if every is not None:
-            rec = torch.empty((len(b_seeds), n_slots, *shape), dtype=torch.float32, device=device)
-
-            def on_step(k, pred_xstart, rec=rec):
-                if k % every == 0:  # descending loop: slot j ends at k = every*j (spec 6.3)
-                    rec[:, k // every] = pred_xstart
-
-        x = _run_chain(stepper, model, x, noise, _t_rows(tmap, len(b_seeds), device), S - 1, amp_dtype, on_step, pbar)
-        finals.append(x.to("cpu", torch.float32))
-        if rec is not None:
-            records.append(rec.to("cpu", torch.float32))
+    with _fast_model(model, device, **(fast or {})) as model:
+        for b_seeds in batches:
+            _sample_batch(stepper, model, shape, b_seeds, device, tmap, S, amp_dtype, pbar, every, n_slots,
+                          finals, records)
     if pbar is not None:
         pbar.close()
     final = torch.cat(finals)
@@ -246,11 +249,30 @@ def _sample_impl(diffusion, model, shape, seeds, batch_size, device, sampler, st
     return final, torch.cat(records), [tmap[every * j] for j in range(n_slots)]
 
 
+def _sample_batch(stepper, model, shape, b_seeds, device, tmap, S, amp_dtype, pbar, every, n_slots, finals, records):
+    """One batch of :func:`_sample_impl`: appends its final images (and x0 records) to the lists."""
+    noise = ImageNoise(b_seeds, shape, device, torch.float32)
+    x = noise.next()  # x_T ~ N(0, I): the first draw of every image's stream
+    rec, on_step = None, None
+    if every is not None:
+        rec = torch.empty((len(b_seeds), n_slots, *shape), dtype=torch.float32, device=device)
+
+        def on_step(k, pred_xstart, rec=rec):
+            if k % every == 0:  # descending loop: slot j ends at k = every*j (spec 6.3)
+                rec[:, k // every] = pred_xstart
+
+    x = _run_chain(stepper, model, x, noise, _t_rows(tmap, len(b_seeds), device), S - 1, amp_dtype, on_step, pbar)
+    finals.append(x.to("cpu", torch.float32))
+    if rec is not None:
+        records.append(rec.to("cpu", torch.float32))
+
+
 @torch.inference_mode()
 def sample(diffusion: GaussianDiffusion, model: Callable, shape: Sequence[int], seeds: Sequence[int], *,
            batch_size: int | None = None, device="cpu", sampler: str = "ancestral", steps: int | None = None,
            spacing: str = "trailing", eta: float = 0.0, clip_denoised: bool = True,
-           amp_dtype: torch.dtype | None = None, progress: bool = False) -> torch.Tensor:
+           amp_dtype: torch.dtype | None = None, progress: bool = False, compile: bool = False,
+           channels_last: bool | None = None, cuda_graph: bool = False) -> torch.Tensor:
     """Draw one image per seed (paper Algorithm 2 as the official code runs it, spec 6.1-6.2).
 
     Args:
@@ -261,19 +283,27 @@ def sample(diffusion: GaussianDiffusion, model: Callable, shape: Sequence[int], 
             trailing | leading | linspace, see :func:`space_timesteps`).
         clip_denoised: clamp the x0 prediction to [-1, 1] at every step (official default).
         amp_dtype: run the network under autocast with this dtype (the math stays float32).
+        compile: run the network through ``torch.compile`` (inductor; :class:`ddpm.fast.FastModel`).
+            One compilation per architecture and batch shape (minutes for the CIFAR-10 U-Net on a
+            CPU), then the compiled code is reused by later calls in the process.
+        channels_last: NHWC weights and inputs for the network during the call (the module is
+            restored afterwards); None = on for an ``nn.Module`` on CPU/CUDA.
+        cuda_graph: on CUDA, replay the network from a CUDA graph (ignored elsewhere).
 
     Returns: float32 CPU tensor [N, C, H, W]; in [-1, 1] when clip_denoised (the final sample is
         the clipped x0 prediction).
     """
     return _sample_impl(diffusion, model, shape, seeds, batch_size, device, sampler, steps, spacing, eta,
-                        clip_denoised, amp_dtype, progress)
+                        clip_denoised, amp_dtype, progress,
+                        fast=dict(channels_last=channels_last, compile=compile, cuda_graph=cuda_graph))
 
 
 @torch.inference_mode()
 def sample_progressive(diffusion: GaussianDiffusion, model: Callable, shape: Sequence[int], seeds: Sequence[int],
                        every: int = 50, *, batch_size: int | None = None, device="cpu", sampler: str = "ancestral",
                        steps: int | None = None, spacing: str = "trailing", eta: float = 0.0,
-                       clip_denoised: bool = True, amp_dtype: torch.dtype | None = None, progress: bool = False):
+                       clip_denoised: bool = True, amp_dtype: torch.dtype | None = None, progress: bool = False,
+                       compile: bool = False, channels_last: bool | None = None, cuda_graph: bool = False):
     """:func:`sample`, also recording the x0 prediction at chain steps k = every*j (spec 6.3, Fig. 6).
 
     Returns: (final [N, C, H, W], xstart [N, S, C, H, W], ts) with S = (T'-1)//every + 1 for a
@@ -284,7 +314,8 @@ def sample_progressive(diffusion: GaussianDiffusion, model: Callable, shape: Seq
     if isinstance(every, bool) or int(every) != every or every < 1:
         raise SamplingOptionError(f"every must be a positive integer, got {every!r}")
     return _sample_impl(diffusion, model, shape, seeds, batch_size, device, sampler, steps, spacing, eta,
-                        clip_denoised, amp_dtype, progress, every=int(every))
+                        clip_denoised, amp_dtype, progress, every=int(every),
+                        fast=dict(channels_last=channels_last, compile=compile, cuda_graph=cuda_graph))
 
 
 def _child_seeds(seed: int, n: int) -> list[int]:
@@ -323,13 +354,16 @@ class _Repeat:
 @torch.inference_mode()
 def sample_chains(diffusion: GaussianDiffusion, model: Callable, shape: Sequence[int], seed: int, n: int,
                   split_steps: Sequence[int] = (0, 250, 500, 750), *, device="cpu", clip_denoised: bool = True,
-                  amp_dtype: torch.dtype | None = None, progress: bool = False) -> torch.Tensor:
+                  amp_dtype: torch.dtype | None = None, progress: bool = False, compile: bool = False,
+                  channels_last: bool | None = None, cuda_graph: bool = False) -> torch.Tensor:
     """Chains that share x_T and the first reverse steps' noise, then split (spec 6.4, Fig. 7).
 
     For split s (the official ``repeat_noise_steps``), the noise of step i (0-based) is shared by
     the n chains while T - i <= s, then independent; so s = 0 shares only x_T and s = 250 shares
     everything down to paper x_750. Every row uses the same shared stream (from ``seed``) and
     chain j the same own stream, so the result is a deterministic function of ``seed``.
+
+    ``compile``, ``channels_last``, ``cuda_graph``: as in :func:`sample`.
 
     Returns: float32 CPU [len(split_steps), n, C, H, W].
     """
@@ -349,8 +383,9 @@ def sample_chains(diffusion: GaussianDiffusion, model: Callable, shape: Sequence
     share = steps_left[:, None] <= split_rows[None, :]  # [T, R]
     stepper = Stepper(diffusion, device, "ancestral", clip_denoised=clip_denoised)
     pbar = _progress(progress, T, "chains")
-    x = _run_chain(stepper, model, x, _SharedThenSplit(shared, own, share, len(splits)),
-                   _t_rows(range(T), R, device), T - 1, amp_dtype, pbar=pbar)
+    with _fast_model(model, device, channels_last, compile, cuda_graph) as fm:
+        x = _run_chain(stepper, fm, x, _SharedThenSplit(shared, own, share, len(splits)),
+                       _t_rows(range(T), R, device), T - 1, amp_dtype, pbar=pbar)
     if pbar is not None:
         pbar.close()
     return x.to("cpu", torch.float32).reshape(len(splits), n, *shape)
@@ -359,7 +394,8 @@ def sample_chains(diffusion: GaussianDiffusion, model: Callable, shape: Sequence
 @torch.inference_mode()
 def interpolate(diffusion: GaussianDiffusion, model: Callable, x0_a: torch.Tensor, x0_b: torch.Tensor, t: int,
                 lambdas: Sequence[float], seed: int, *, device="cpu", clip_denoised: bool = True,
-                amp_dtype: torch.dtype | None = None, progress: bool = False) -> torch.Tensor:
+                amp_dtype: torch.dtype | None = None, progress: bool = False, compile: bool = False,
+                channels_last: bool | None = None, cuda_graph: bool = False) -> torch.Tensor:
     """Interpolate two images in latent space (spec 6.5, paper section 4.4, Fig. 8/9).
 
     x_t = q_sample(x0_a, t), x_t' = q_sample(x0_b, t) with independent fixed noise (from ``seed``),
@@ -368,6 +404,7 @@ def interpolate(diffusion: GaussianDiffusion, model: Callable, x0_a: torch.Tenso
 
     Args:
         x0_a, x0_b: images [C, H, W] or [1, C, H, W] in [-1, 1]; t: 0-based index in 0..T-1.
+        compile, channels_last, cuda_graph: as in :func:`sample`.
 
     Returns: float32 CPU [len(lambdas), C, H, W].
     """
@@ -393,8 +430,9 @@ def interpolate(diffusion: GaussianDiffusion, model: Callable, x0_a: torch.Tenso
     x = (1.0 - lam) * xt_a + lam * xt_b  # [L, C, H, W]
     stepper = Stepper(diffusion, device, "ancestral", clip_denoised=clip_denoised)
     pbar = _progress(progress, t + 1, "interpolate")
-    x = _run_chain(stepper, model, x, _Repeat(ImageNoise([seed_rev], shape, device), L),
-                   _t_rows(range(T), L, device), t, amp_dtype, pbar=pbar)
+    with _fast_model(model, device, channels_last, compile, cuda_graph) as fm:
+        x = _run_chain(stepper, fm, x, _Repeat(ImageNoise([seed_rev], shape, device), L),
+                       _t_rows(range(T), L, device), t, amp_dtype, pbar=pbar)
     if pbar is not None:
         pbar.close()
     return x.to("cpu", torch.float32)
