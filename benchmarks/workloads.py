@@ -1,0 +1,244 @@
+"""The work being timed: one training step and k reverse steps, for ours and for diffusers.
+
+Both sides get the same network (our U-Net's weights written into diffusers' ``UNet2DModel``
+through ``ddpm.interop.diffusers``), the same batch shape, dtype and threads.
+
+* Training step (both): draw t ~ U{0..T-1} and eps, x_t = sqrt(abar) x0 + sqrt(1-abar) eps,
+  L_simple = mean((eps - net(x_t, t))^2), backward, clip the global grad norm to 1, Adam
+  (lr 2e-4, betas 0.9/0.999, eps 1e-8, no weight decay), EMA 0.9999.
+  - ours: the trainer's own parts (``ddpm.train.optim.make_optimizer`` -- foreach Adam on CPU,
+    fused on CUDA --, ``grad_norm_and_clip``, ``ddpm.train.ema.EMA`` -- one foreach lerp --,
+    ``GaussianDiffusion.training_losses``, the trainer's per-step seeded generators and its one
+    host sync per step), with the options of ``train.channels_last`` / ``precision`` / ``compile``.
+  - diffusers: as its ``train_unconditional.py`` example does it: ``DDPMScheduler.add_noise``,
+    ``F.mse_loss``, ``clip_grad_norm_``, ``torch.optim.Adam`` with its defaults, and
+    ``diffusers.training_utils.EMAModel(decay=0.9999)`` with its defaults.
+* Sampling: k ancestral steps at batch B, timed and extrapolated to 1000 steps.
+  - ours: ``ddpm.sampling.sample(..., steps=k)`` (a k-step chain: the same per-step work as the
+    full chain; setup included) with its fast-path options.
+  - diffusers: ``DDPMPipeline.__call__``'s loop: ``scheduler.set_timesteps(k)``, then per step
+    ``unet(x, t).sample`` and ``scheduler.step(out, t, x, generator=g).prev_sample``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ddpm.config import Config, TrainConfig
+from ddpm.diffusion import GaussianDiffusion
+from ddpm.nets.unet import UNet
+
+LR = 2e-4
+
+
+def build_models(cfg: Config, device: torch.device, seed: int = 0, train: bool = False):
+    """(ours, theirs): our U-Net for ``cfg.model`` and a diffusers ``UNet2DModel`` holding the
+    same weights (ours' dropout rate is passed to diffusers too, so both do the same work)."""
+    from diffusers import UNet2DModel
+
+    from ddpm.interop.diffusers import model_to_diffusers_config, state_dict_to_diffusers
+
+    torch.manual_seed(seed)
+    ours = UNet.from_config(cfg.model, cfg.out_channels)
+    dcfg = {k: v for k, v in model_to_diffusers_config(cfg.model, cfg.out_channels).items() if not k.startswith("_")}
+    theirs = UNet2DModel(**dcfg)
+    missing, unexpected = theirs.load_state_dict(state_dict_to_diffusers(ours.state_dict()), strict=True)
+    assert not missing and not unexpected
+    ours, theirs = ours.to(device), theirs.to(device)
+    return (ours.train(), theirs.train()) if train else (ours.eval(), theirs.eval())
+
+
+def fixed_batch(cfg: Config, batch: int, device: torch.device, seed: int = 1) -> torch.Tensor:
+    """A stand-in for a data batch: float32 [B, C, H, W] in [-1, 1] (the values do not matter for speed)."""
+    g = torch.Generator().manual_seed(seed)
+    c, r = cfg.model.in_channels, cfg.model.resolution
+    return (torch.rand((batch, c, r, r), generator=g) * 2 - 1).to(device)
+
+
+# ---------------------------------------------------------------------------------------------- training
+@dataclass
+class OursOptions:
+    channels_last: bool = False
+    precision: str = "fp32"     # fp32 | bf16 | fp16 (ddpm.train.precision)
+    compile: bool = False
+    fused_adam: bool | None = None  # None: the trainer's choice (fused on CUDA, foreach elsewhere)
+
+    def label(self) -> str:
+        parts = [self.precision]
+        if self.channels_last:
+            parts.append("channels_last")
+        if self.compile:
+            parts.append("compile")
+        if self.fused_adam is not None:
+            parts.append("fused Adam" if self.fused_adam else "foreach Adam")
+        return " ".join(parts)
+
+
+class OursTrainStep:
+    """One optimiser step as ``ddpm.train.loop._Trainer._one_step`` does it (single process, no
+    gradient accumulation, uniform t), built from the trainer's public parts."""
+
+    def __init__(self, model: UNet, diffusion: GaussianDiffusion, x0: torch.Tensor, device: torch.device,
+                 opts: OursOptions, tc: TrainConfig | None = None):
+        from ddpm.train.ema import EMA
+        from ddpm.train.optim import make_optimizer
+        from ddpm.train.precision import resolve_precision
+
+        tc = tc or TrainConfig(lr=LR)
+        self.tc, self.device, self.opts, self.diffusion = tc, device, opts, diffusion
+        if opts.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        self.model, self.x0 = model.train(), x0
+        self.params = [p for p in model.parameters()]
+        self.ema = EMA(model, tc.ema_decay)
+        if opts.fused_adam is None:
+            self.optimizer = make_optimizer(self.params, tc, device)
+        else:
+            kw = dict(lr=0.0, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps, weight_decay=0.0)
+            self.optimizer = torch.optim.Adam(self.params, **kw, **({"fused": True} if opts.fused_adam
+                                                                     else {"foreach": True}))
+        self.precision = resolve_precision(opts.precision, device)
+        self.train_model = torch.compile(model) if opts.compile else model
+        self.g_t = torch.Generator(device="cpu")
+        self.g_noise = torch.Generator(device=device)
+        self.step = 0
+        self.last_loss: torch.Tensor | None = None
+
+    def __call__(self) -> None:
+        from ddpm.train.optim import grad_norm_and_clip, set_lr
+
+        tc, prec, B = self.tc, self.precision, self.x0.shape[0]
+        set_lr(self.optimizer, tc.lr)  # the trainer sets the warmed-up LR before every step
+        self.g_t.manual_seed(1000 + self.step)
+        t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=self.g_t).to(self.device)
+        self.g_noise.manual_seed(2000 + self.step)
+        noise = torch.randn(self.x0.shape, generator=self.g_noise, device=self.device)
+        if self.opts.channels_last:
+            noise = noise.contiguous(memory_format=torch.channels_last)
+        self.optimizer.zero_grad(set_to_none=True)
+        with prec.autocast():
+            losses = self.diffusion.training_losses(self.train_model, self.x0, t, noise=noise)
+        loss = losses.float().mean()
+        (prec.scaler.scale(loss) if prec.scaler is not None else loss).backward()
+        if prec.scaler is not None:
+            prec.scaler.unscale_(self.optimizer)
+        norm = grad_norm_and_clip(self.params, tc.grad_clip)
+        host = torch.stack([loss.detach().double(), norm.detach().double()]).cpu()  # the trainer's one sync
+        if torch.isfinite(host).all():
+            if prec.scaler is not None:
+                prec.scaler.step(self.optimizer)
+                prec.scaler.update()
+            else:
+                self.optimizer.step()
+            self.ema.update(self.model)
+        self.last_loss = host[0]
+        self.step += 1
+
+
+class TheirsTrainStep:
+    """One step of diffusers' ``examples/unconditional_image_generation/train_unconditional.py``
+    (without Accelerate, which adds nothing on one device): add_noise, UNet2DModel, F.mse_loss,
+    clip_grad_norm_, Adam (torch defaults), EMAModel (diffusers defaults)."""
+
+    def __init__(self, model, x0: torch.Tensor, device: torch.device, num_timesteps: int = 1000,
+                 amp_dtype: torch.dtype | None = None):
+        from diffusers import DDPMScheduler
+        from diffusers.training_utils import EMAModel
+
+        self.model, self.x0, self.device, self.amp_dtype = model.train(), x0, device, amp_dtype
+        self.scheduler = DDPMScheduler(num_train_timesteps=num_timesteps, beta_schedule="linear")
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+        self.ema = EMAModel(model.parameters(), decay=0.9999)
+        self.num_timesteps = num_timesteps
+        self.last_loss: torch.Tensor | None = None
+
+    def __call__(self) -> None:
+        x0 = self.x0
+        noise = torch.randn(x0.shape, device=self.device)
+        t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=self.device).long()
+        noisy = self.scheduler.add_noise(x0, noise, t)
+        ctx = (torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None
+               else contextlib.nullcontext())
+        with ctx:
+            out = self.model(noisy, t).sample
+        loss = F.mse_loss(out.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad()
+        self.ema.step(self.model.parameters())
+        self.last_loss = loss.detach()
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+@dataclass
+class SampleOptions:
+    channels_last: bool | None = None  # None: sample()'s default (on for a module on CPU/CUDA)
+    compile: bool = False
+    cuda_graph: bool = False
+    amp_dtype: torch.dtype | None = None
+
+    def label(self) -> str:
+        parts = ["bf16" if self.amp_dtype == torch.bfloat16 else "fp16" if self.amp_dtype == torch.float16 else "fp32"]
+        parts.append("NCHW" if self.channels_last is False else "channels_last")
+        if self.compile:
+            parts.append("compile")
+        if self.cuda_graph:
+            parts.append("CUDA graph")
+        return " ".join(parts)
+
+
+class OursSampler:
+    """``k`` reverse steps of ``ddpm.sampling.sample`` (a k-step chain) for a batch of B seeds."""
+
+    def __init__(self, model, diffusion: GaussianDiffusion, shape, batch: int, steps: int, device: torch.device,
+                 opts: SampleOptions):
+        self.model, self.diffusion, self.shape, self.steps, self.device, self.opts = \
+            model, diffusion, tuple(shape), int(steps), device, opts
+        self.seeds = list(range(batch))
+        self.last: torch.Tensor | None = None
+
+    def __call__(self) -> None:
+        from ddpm.sampling import sample
+
+        o = self.opts
+        self.last = sample(self.diffusion, self.model, self.shape, self.seeds, device=self.device,
+                           steps=None if self.steps == self.diffusion.num_timesteps else self.steps,
+                           amp_dtype=o.amp_dtype, compile=o.compile, channels_last=o.channels_last,
+                           cuda_graph=o.cuda_graph)
+
+
+class TheirsSampler:
+    """``k`` steps of ``DDPMPipeline.__call__``'s loop (fp32, as the pipeline runs)."""
+
+    def __init__(self, model, shape, batch: int, steps: int, device: torch.device, num_timesteps: int = 1000):
+        from diffusers import DDPMScheduler
+
+        self.model, self.shape, self.batch, self.steps, self.device = model, tuple(shape), batch, int(steps), device
+        # google/ddpm-cifar10-32's scheduler: linear 1e-4..0.02, clip_sample, epsilon, fixed_large
+        self.scheduler = DDPMScheduler(num_train_timesteps=num_timesteps, beta_schedule="linear",
+                                       variance_type="fixed_large", clip_sample=True)
+        self.last: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        g = torch.Generator(device=self.device).manual_seed(0)
+        image = randn_tensor((self.batch, *self.shape), generator=g, device=self.device, dtype=self.model.dtype)
+        self.scheduler.set_timesteps(self.steps)
+        for t in self.scheduler.timesteps:
+            out = self.model(image, t).sample
+            image = self.scheduler.step(out, t, image, generator=g).prev_sample
+        self.last = image
+
+
+def copy_model(model):
+    """An independent copy (its own weights, so each variant has its own optimiser and EMA state)."""
+    return copy.deepcopy(model)
