@@ -157,6 +157,27 @@ def test_sample_bf16_autocast_close_to_fp32():
     assert err < 0.02 * (other - ref).abs().mean().item()
 
 
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_bf16_on_a_cpu_without_bf16_units_warns_once(monkeypatch, fast_bf16):
+    import warnings
+
+    import ddpm.fast as fast
+
+    monkeypatch.setattr(fast, "_WARNED_SLOW_BF16", False)
+    monkeypatch.setattr(fast, "cpu_has_fast_bf16", lambda: fast_bf16)
+    m, d = _tiny(), _diffusion(3)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        sample(d, m, SHAPE, SEEDS[:1])  # fp32: never warns
+        assert not [w for w in seen if "bf16" in str(w.message)]
+        sample(d, m, SHAPE, SEEDS[:1], amp_dtype=torch.bfloat16)
+        sample(d, m, SHAPE, SEEDS[:1], amp_dtype=torch.bfloat16)
+    msgs = [w for w in seen if "bf16" in str(w.message)]
+    assert len(msgs) == (0 if fast_bf16 else 1)
+    if msgs:
+        assert issubclass(msgs[0].category, RuntimeWarning) and "fp32" in str(msgs[0].message)
+
+
 @pytest.mark.slow
 def test_sample_compile_matches_eager_and_compiles_once():
     """torch.compile (inductor, CPU) inside the sampler: same samples as eager within float
