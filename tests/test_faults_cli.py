@@ -169,11 +169,11 @@ def test_train_existing_run_without_resume(run_dir, capsys):
 
 
 def test_train_resume_with_another_preset(run_dir, capsys):
-    """The run's checkpoint belongs to another config (ch 32, T 20 vs the digits preset)."""
+    """The run's checkpoint belongs to another config (T 20 and one res block vs the digits preset)."""
     before = _snapshot(run_dir)
     rc, _, err = _run_inproc(["train", "--preset", "digits", "--out", str(run_dir), "--no-progress",
                               "--resume", "auto"], capsys)
-    _assert_one_line_error(rc, err, "model.ch")
+    _assert_one_line_error(rc, err, "diffusion.num_timesteps")
     assert _snapshot(run_dir) == before
 
 

@@ -66,7 +66,7 @@ def test_presets_match_run_configs_and_arguments():
     digits = UNet.from_preset("digits")
     want = RUN_PRESETS["digits"].model
     assert digits.config == UNet.from_config(want, want.in_channels).config
-    assert digits.config["resolution"] == 8 and digits.config["in_channels"] == 1 and digits.config["ch"] == 64
+    assert digits.config["resolution"] == 8 and digits.config["in_channels"] == 1 and digits.config["ch"] == 32
     assert digits.config["ch_mult"] == (1, 2) and digits.config["attn_resolutions"] == (4,)
     with torch.device("meta"):
         assert UNet.from_preset("28").config == dict(in_channels=1, out_channels=1, ch=64, ch_mult=(1, 2, 2),
