@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write <out>_interpolation.png: two test images mixed at step t (Fig. 8/9)")
     s.add_argument("--interp-t", type=_NONNEG, default=None, help="0-based step for --interpolate (default T/2)")
     s.add_argument("--data", default=None, metavar="SRC", help="test images for --interpolate (default: the run's)")
+    s.add_argument("--compile", action="store_true",
+                   help="run the network through torch.compile (pays off for long runs and on GPUs)")
+    s.add_argument("--cuda-graph", action="store_true", help="on CUDA, replay each step from a CUDA graph")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("eval", help="bits/dim, rate-distortion, FID/IS/KID, digits quality", formatter_class=_FMT)

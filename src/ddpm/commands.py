@@ -146,7 +146,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
     seeds = list(range(args.seed, args.seed + args.n))
     common = dict(device=dev, amp_dtype=_amp(args.precision), progress=not args.no_progress)
     x = sample(diffusion, model, shape, seeds, batch_size=args.batch_size, sampler=args.sampler,
-               steps=args.steps, eta=args.eta, **common)
+               steps=args.steps, eta=args.eta, compile=args.compile, cuda_graph=args.cuda_graph, **common)
     images = to_uint8(x)
     _save_npz(out, images)
     save_grid(images[:64], grid, scale=_grid_scale(cfg.model.resolution))
