@@ -51,7 +51,8 @@ SCRIPT = textwrap.dedent("""
 
     loop._Trainer.run = run_and_dump
     r = loop.train(cfg, out, device="cpu", progress=False)
-    print("RESULT", r["rank"], r["world_size"], r["step"], flush=True)
+    # one write() per line: the two ranks share stdout, and print() may interleave them
+    os.write(1, f"RESULT {r['rank']} {r['world_size']} {r['step']}\\n".encode())
 """)
 
 
