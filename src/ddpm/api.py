@@ -10,13 +10,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 
 from .checkpoint import load_checkpoint, resolve_checkpoint, split_prefix
 from .config import Config
-from .errors import CheckpointError
+from .errors import CheckpointError, ConfigError, UserError
 
 
 class Loaded(NamedTuple):
@@ -62,6 +63,31 @@ def load_state_strict(model: torch.nn.Module, state: dict, path: os.PathLike | s
     model.load_state_dict(state, strict=True)
 
 
+def load_weights(path: str | os.PathLike, weights: str = "ema") -> tuple[Path, dict, Config, dict]:
+    """Read one set of weights and the config from a checkpoint file or run folder.
+
+    Returns:
+        (checkpoint file, state dict without prefix, validated Config, header meta).
+    Raises:
+        CheckpointError: unreadable/corrupt file, no config, an invalid config, or no such weights.
+    """
+    if weights not in ("ema", "model"):
+        raise UserError(f"weights must be 'ema' or 'model', got {weights!r}")
+    file = resolve_checkpoint(path)
+    tensors, meta = load_checkpoint(file, prefixes=[f"{weights}/"])
+    if "config" not in meta:
+        raise CheckpointError(f"{file}: checkpoint carries no config")
+    try:
+        cfg = Config.from_dict(meta["config"]).validate()
+    except ConfigError as e:
+        raise CheckpointError(f"{file}: stored config is invalid: {e}") from None
+    state = split_prefix(tensors, f"{weights}/")
+    if not state:
+        raise CheckpointError(f"{file}: no '{weights}' weights in this checkpoint"
+                              + ("; try weights='model'" if weights == "ema" else ""))
+    return file, state, cfg, meta
+
+
 def load(path: str | os.PathLike, device: str | torch.device | None = None, weights: str = "ema") -> Loaded:
     """Load a checkpoint file or a run folder (its latest checkpoint).
 
@@ -75,16 +101,7 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, weig
     from .diffusion import GaussianDiffusion
     from .nets.unet import UNet
 
-    if weights not in ("ema", "model"):
-        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
-    file = resolve_checkpoint(path)
-    tensors, meta = load_checkpoint(file, prefixes=[f"{weights}/"])
-    if "config" not in meta:
-        raise CheckpointError(f"{file}: checkpoint carries no config")
-    cfg = Config.from_dict(meta["config"]).validate()
-    state = split_prefix(tensors, f"{weights}/")
-    if not state:
-        raise CheckpointError(f"{file}: no '{weights}' weights in this checkpoint")
+    file, state, cfg, meta = load_weights(path, weights)
     model = UNet.from_config(cfg.model, cfg.out_channels)
     load_state_strict(model, state, file)
     dev = torch.device(device) if device is not None else default_device()

@@ -39,7 +39,7 @@ from typing import Any, Mapping
 
 import torch
 
-from ..errors import CheckpointError, ConfigError, UserError
+from ..errors import CheckpointError, ConfigError
 
 __all__ = [
     "diffusers_config_to_model", "model_to_diffusers_config", "state_dict_from_diffusers", "state_dict_to_diffusers",
@@ -608,23 +608,10 @@ def to_diffusers_dir(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, w
     """
     from safetensors.torch import save as st_save
 
-    from ..checkpoint import atomic_write_bytes, load_checkpoint, resolve_checkpoint, split_prefix
-    from ..config import Config
+    from ..api import load_weights
+    from ..checkpoint import atomic_write_bytes
 
-    if weights not in ("ema", "model"):
-        raise UserError(f"weights must be 'ema' or 'model', got {weights!r}")
-    path = resolve_checkpoint(ckpt_path)
-    tensors, meta = load_checkpoint(path, prefixes=[f"{weights}/"])
-    if "config" not in meta:
-        raise CheckpointError(f"{path}: checkpoint carries no config")
-    try:
-        cfg = Config.from_dict(meta["config"]).validate()
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: stored config is invalid: {e}") from None
-    state = split_prefix(tensors, f"{weights}/")
-    if not state:
-        raise CheckpointError(f"{path}: no '{weights}' weights in this checkpoint"
-                              + ("; try weights='model'" if weights == "ema" else ""))
+    path, state, cfg, _ = load_weights(ckpt_path, weights)
     unet_cfg = model_to_diffusers_config(cfg.model, cfg.out_channels)
     theirs = state_dict_to_diffusers(state)
     sched, why = diffusion_to_scheduler_config(cfg.diffusion)
