@@ -347,7 +347,6 @@ def _parse_value(raw: str, typ: Any, key: str) -> Any:
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply ``section.key=value`` (or unique ``key=value``) strings and validate the result."""
     leaves = _leaf_index()
-    sections = get_type_hints(Config)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r}")

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     real = q["reference"]["train_vs_test"]
     print(f"  sample quality   Fréchet distance {q['fd']:.3f}, confidence {q['confidence']:.3f}, balance "
           f"{q['balance']:.3f}  (real train digits: {real['fd']:.3f}, {real['confidence']:.3f}, {real['balance']:.3f})")
-    print(f"  wall time        " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
+    print("  wall time        " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     print("=" * 72)
     return 0
 

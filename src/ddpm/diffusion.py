@@ -156,7 +156,7 @@ class GaussianDiffusion:
             raise DiffusionOptionError(f"betas must be a 1-D array with at least 2 entries, got shape {betas.shape}")
         if not np.all((betas > 0) & (betas <= 1)):
             raise DiffusionOptionError(f"betas must lie in (0, 1], got min {betas.min():.3g}, max {betas.max():.3g}")
-        self.num_timesteps = T = int(betas.shape[0])
+        self.num_timesteps = int(betas.shape[0])
 
         # Spec section 3, all float64. A schedule with beta_T = 1 (jsd) has abar_T = 0 and so
         # infinite 1/sqrt(abar) at the last index, as in the official code.

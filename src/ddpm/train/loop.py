@@ -173,7 +173,7 @@ class _Trainer:
         from ..diffusion import GaussianDiffusion
         from ..nets.unet import UNet
 
-        cfg, env, dev = self.cfg, self.env, self.env.device
+        cfg, dev = self.cfg, self.env.device
         # Same initial weights on every rank (DDP would broadcast rank 0's anyway).
         torch.manual_seed(stream_seed(cfg.train.seed, 0, _INIT_STREAM))
         model = UNet.from_config(cfg.model, cfg.out_channels).to(dev)
