@@ -157,6 +157,37 @@ def test_sample_bf16_autocast_close_to_fp32():
     assert err < 0.02 * (other - ref).abs().mean().item()
 
 
+def test_lowp_weights_is_bit_identical_to_autocast_and_restores():
+    """bf16 weights cast once for a whole loop give exactly what autocast gives when it casts
+    them at every call (in either memory layout); the module is as before afterwards."""
+    from ddpm.diffusion import call_model
+    from ddpm.fast import lowp_weights
+
+    m = _tiny()
+    snap = _snapshot(m)
+    x, t = torch.randn(3, *SHAPE), torch.tensor([0, 5, 999])
+    bf = torch.bfloat16
+    with torch.inference_mode():
+        ref = call_model(m, x, t, bf)
+        with lowp_weights(m, bf):
+            kinds = {p.dtype for mod in m.modules() if isinstance(mod, (torch.nn.Conv2d, torch.nn.Linear))
+                     for p in mod.parameters(recurse=False)}
+            norms = {p.dtype for mod in m.modules() if isinstance(mod, torch.nn.GroupNorm) for p in mod.parameters()}
+            assert kinds == {bf} and norms == {torch.float32}
+            assert torch.equal(call_model(m, x, t, bf), ref)
+            assert torch.equal(call_model(m, x, t, bf), ref)
+        with channels_last(m):
+            ref_cl = call_model(FastModel(m, "cpu"), x, t, bf)
+            with lowp_weights(m, bf):
+                assert torch.equal(call_model(FastModel(m, "cpu"), x, t, bf), ref_cl)
+        fp32 = call_model(m, x, t, None)
+    assert not torch.equal(ref, fp32)  # autocast really changed the arithmetic
+    _assert_unchanged(m, snap)
+    assert all(p.requires_grad for p in m.parameters())
+    with lowp_weights(m, None), lowp_weights(lambda x, t: x, bf):
+        assert all(p.dtype == torch.float32 for p in m.parameters())
+
+
 @pytest.mark.parametrize("fast_bf16", [False, True])
 def test_bf16_on_a_cpu_without_bf16_units_warns_once(monkeypatch, fast_bf16):
     import warnings
@@ -228,3 +259,63 @@ def test_cuda_compile_reduce_overhead_sampling_matches_eager():
     eager = sample(d, m, SHAPE, SEEDS, device="cuda", channels_last=False)
     comp = sample(d, m, SHAPE, SEEDS, device="cuda", compile=True, cuda_graph=True)
     torch.testing.assert_close(comp, eager, rtol=0, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ harness
+def _bench_modules():
+    import sys
+    from pathlib import Path
+
+    path = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    import timing
+    import workloads
+
+    return timing, workloads
+
+
+def test_bench_alternate_rotates_the_order_and_keeps_every_time():
+    timing, _ = _bench_modules()
+    calls = []
+    fns = {n: (lambda n=n: calls.append(n)) for n in ("a", "b", "c")}
+    out = timing.alternate(fns, repeats=3, warmup=1)
+    assert calls == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert all(len(t.warmup) == 1 and len(t.times) == 3 and len(t.cpu_times) == 3 for t in out.values())
+    t = timing.Timing("x", times=[3.0, 1.0, 2.0], cpu_times=[1.0, 5.0, 4.0])
+    assert (t.median, t.min, t.cpu_median) == (2.0, 1.0, 4.0)
+    with pytest.raises(ValueError):
+        timing.alternate(fns, repeats=0)
+
+
+def test_bench_ours_and_diffusers_run_the_same_network_and_steps():
+    """The harness compares like with like: diffusers' UNet2DModel holds our weights and computes
+    the same function; one training step of each lowers nothing to NaN and moves the weights."""
+    pytest.importorskip("diffusers")
+    from ddpm.config import get_preset
+
+    _, W = _bench_modules()
+    cfg = get_preset("digits")
+    ours, theirs = W.build_models(cfg, torch.device("cpu"))
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 900])
+    with torch.no_grad():
+        for p in ours.parameters():  # perturb ours, then rebuild theirs from it: outputs must follow
+            p.add_(0.02 * torch.randn_like(p))
+        from ddpm.interop.diffusers import state_dict_to_diffusers
+
+        theirs.load_state_dict(state_dict_to_diffusers(ours.state_dict()))
+        a, b = ours(x, t), theirs(x, t).sample
+    assert a.abs().max() > 1e-2
+    torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+
+    x0 = W.fixed_batch(cfg, 4, torch.device("cpu"))
+    diffusion = _diffusion(1000)
+    before = [p.detach().clone() for p in ours.parameters()]
+    step = W.OursTrainStep(ours, diffusion, x0, torch.device("cpu"), W.OursOptions(channels_last=True))
+    step()
+    assert torch.isfinite(step.last_loss) and any(not torch.equal(p, q) for p, q in zip(before, ours.parameters()))
+    theirs_step = W.TheirsTrainStep(theirs, x0, torch.device("cpu"))
+    theirs_step()
+    assert torch.isfinite(theirs_step.last_loss)
+    # the same kind of loss: L_simple of a near-identity network is ~ E[eps^2] ~ 1 for both
+    assert 0.2 < float(step.last_loss) < 5 and 0.2 < float(theirs_step.last_loss) < 5

@@ -5,6 +5,10 @@ results agree with the plain eager call up to float rounding (tests/test_fastpat
 * :func:`channels_last` stores a module's 4-D weights in NHWC strides for the duration of a
   ``with`` block (the Parameter objects are kept, only their storage is swapped and restored), so
   the oneDNN / cuDNN convolutions run in their native layout without reordering the activations.
+* :func:`lowp_weights` stores the conv/linear weights in the autocast dtype for the duration of
+  a loop, so autocast finds them already cast instead of casting all of them at every step (its
+  own cast cache lives only for one ``autocast`` block, i.e. one network call, and skips weights
+  that do not require grad, such as the EMA copy). Bit-identical to plain autocast.
 * :class:`FastModel` wraps ``model(x, t)``: channels_last input, optionally compiled with
   inductor (one module-level compiled function shared by every model, so a model is compiled
   once per input shape, not once per call of the sampler) and, on CUDA, replayed from a CUDA
@@ -26,7 +30,8 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-__all__ = ["channels_last", "FastModel", "wants_channels_last", "to_channels_last", "cpu_has_fast_bf16"]
+__all__ = ["channels_last", "lowp_weights", "FastModel", "wants_channels_last", "to_channels_last",
+           "cpu_has_fast_bf16"]
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -96,6 +101,45 @@ def channels_last(model: Callable, enabled: bool = True) -> Iterator[Callable]:
         with torch.inference_mode(False), torch.no_grad():
             for p, old in zip(todo, saved):
                 p.data = old
+
+
+# Modules whose forward is one autocast "lower precision" op (F.conv2d / F.linear): under
+# autocast their weight and bias are cast to the autocast dtype anyway.
+_LOWP_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+@contextlib.contextmanager
+def lowp_weights(model: Callable, dtype: torch.dtype | None) -> Iterator[Callable]:
+    """Within the block, conv and linear weights/biases of ``model`` are stored in ``dtype``
+    (bf16/fp16), cast once; restored exactly on exit (same Parameter objects, original storage).
+
+    Only for running the model under ``torch.autocast(dtype)``: autocast casts these very tensors
+    to ``dtype`` before every conv/linear, so the results are bit-identical, minus one cast of
+    every weight per network call. Assumes the weights are used only through their modules'
+    own forward (true of ``ddpm.nets.unet.UNet``), and only without autograd (sampling, evaluation):
+    the cast parameters do not require grad inside the block. No-op for ``dtype=None`` or a
+    non-module.
+    """
+    if dtype is None or dtype == torch.float32 or not isinstance(model, nn.Module):
+        yield model
+        return
+    todo = [p for m in model.modules() if isinstance(m, _LOWP_MODULES) for p in m.parameters(recurse=False)
+            if p.dtype == torch.float32]
+    saved = []
+    with torch.inference_mode(False), torch.no_grad():
+        for p in todo:
+            saved.append((p.data, p.requires_grad))
+            p.data = p.data.to(dtype)  # keeps the memory format (channels_last stays channels_last)
+            # autocast's casts do not require grad, and matmul picks its kernel path by that flag
+            # (folding or not): match it, or the results differ in the last bits
+            p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        with torch.inference_mode(False), torch.no_grad():
+            for p, (old, grad) in zip(todo, saved):
+                p.data = old
+                p.requires_grad_(grad)
 
 
 def _call(model: Callable, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

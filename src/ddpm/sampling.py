@@ -24,7 +24,7 @@ import torch
 
 from .diffusion import GaussianDiffusion, StepCoefs, call_model
 from .errors import ConfigError, suggest
-from .fast import FastModel, channels_last as _channels_last_weights
+from .fast import FastModel, channels_last as _channels_last_weights, lowp_weights
 from .rng import ImageNoise
 
 SAMPLERS = ("ancestral", "ddim")
@@ -215,11 +215,12 @@ def _progress(progress: bool, total: int, desc: str):
 
 
 @contextlib.contextmanager
-def _fast_model(model: Callable, device, channels_last: bool | None, compile: bool,
-                cuda_graph: bool) -> Iterator[Callable]:
-    """``model`` wrapped in :class:`ddpm.fast.FastModel`, its weights channels_last for the block."""
+def _fast_model(model: Callable, device, channels_last: bool | None, compile: bool, cuda_graph: bool,
+                amp_dtype: torch.dtype | None = None) -> Iterator[Callable]:
+    """``model`` wrapped in :class:`ddpm.fast.FastModel`; for the block its weights are
+    channels_last and, under autocast, already in ``amp_dtype`` (cast once, not every step)."""
     fm = FastModel(model, device, channels_last=channels_last, compile=compile, cuda_graph=cuda_graph)
-    with _channels_last_weights(model, enabled=fm.channels_last):
+    with _channels_last_weights(model, enabled=fm.channels_last), lowp_weights(model, amp_dtype):
         yield fm
 
 
@@ -237,7 +238,7 @@ def _sample_impl(diffusion, model, shape, seeds, batch_size, device, sampler, st
     batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
     pbar = _progress(progress, len(batches) * S, "sampling")
     finals, records = [], []
-    with _fast_model(model, device, **(fast or {})) as model:
+    with _fast_model(model, device, **(fast or {}), amp_dtype=amp_dtype) as model:
         for b_seeds in batches:
             _sample_batch(stepper, model, shape, b_seeds, device, tmap, S, amp_dtype, pbar, every, n_slots,
                           finals, records)
@@ -383,7 +384,7 @@ def sample_chains(diffusion: GaussianDiffusion, model: Callable, shape: Sequence
     share = steps_left[:, None] <= split_rows[None, :]  # [T, R]
     stepper = Stepper(diffusion, device, "ancestral", clip_denoised=clip_denoised)
     pbar = _progress(progress, T, "chains")
-    with _fast_model(model, device, channels_last, compile, cuda_graph) as fm:
+    with _fast_model(model, device, channels_last, compile, cuda_graph, amp_dtype) as fm:
         x = _run_chain(stepper, fm, x, _SharedThenSplit(shared, own, share, len(splits)),
                        _t_rows(range(T), R, device), T - 1, amp_dtype, pbar=pbar)
     if pbar is not None:
@@ -430,7 +431,7 @@ def interpolate(diffusion: GaussianDiffusion, model: Callable, x0_a: torch.Tenso
     x = (1.0 - lam) * xt_a + lam * xt_b  # [L, C, H, W]
     stepper = Stepper(diffusion, device, "ancestral", clip_denoised=clip_denoised)
     pbar = _progress(progress, t + 1, "interpolate")
-    with _fast_model(model, device, channels_last, compile, cuda_graph) as fm:
+    with _fast_model(model, device, channels_last, compile, cuda_graph, amp_dtype) as fm:
         x = _run_chain(stepper, fm, x, _Repeat(ImageNoise([seed_rev], shape, device), L),
                        _t_rows(range(T), L, device), t, amp_dtype, pbar=pbar)
     if pbar is not None:
