@@ -18,7 +18,8 @@ class Row:
     ``per_call`` is what one timed call did (e.g. 1 training step, or k sampling steps);
     ``scale`` converts seconds per call into the reported throughput (e.g. steps/s = 1/s;
     images/s over a 1000-step chain = B·k/1000 / s). ``ratio_*`` = baseline time / this time
-    (> 1: faster than the baseline), None for the baseline itself or when there is none.
+    (> 1: faster than the baseline), None for the baseline itself or when there is none;
+    ``ratio_cpu`` compares median process CPU times (see timing.py).
     """
 
     section: str
@@ -31,8 +32,11 @@ class Row:
     throughput_unit: str
     ratio_median: float | None = None
     ratio_min: float | None = None
+    cpu_median_s: float | None = None
+    ratio_cpu: float | None = None
     baseline: str | None = None
     times_s: list[float] = field(default_factory=list)
+    cpu_times_s: list[float] = field(default_factory=list)
     warmup_s: list[float] = field(default_factory=list)
     notes: dict[str, Any] = field(default_factory=dict)
 
@@ -46,11 +50,14 @@ def rows_from(section: str, work: str, timings: dict[str, Timing], scale: float,
     for name, tm in timings.items():
         impl, variant = labels[name]
         r = Row(section, work, impl, variant, tm.median, tm.min, scale / tm.median, unit,
-                times_s=[round(v, 4) for v in tm.times], warmup_s=[round(v, 4) for v in tm.warmup],
+                cpu_median_s=tm.cpu_median, times_s=[round(v, 4) for v in tm.times],
+                cpu_times_s=[round(v, 4) for v in tm.cpu_times], warmup_s=[round(v, 4) for v in tm.warmup],
                 notes=dict((notes or {}).get(name, {})))
         if base is not None and name != baseline:
-            r.ratio_median, r.ratio_min, r.baseline = base.median / tm.median, base.min / tm.min, labels[baseline][0] \
-                + " " + labels[baseline][1]
+            r.ratio_median, r.ratio_min = base.median / tm.median, base.min / tm.min
+            if base.cpu_median and tm.cpu_median:
+                r.ratio_cpu = base.cpu_median / tm.cpu_median
+            r.baseline = f"{labels[baseline][0]} {labels[baseline][1]}"
         rows.append(r)
     return rows
 
@@ -65,10 +72,11 @@ def _fmt(v: float | None, nd: int = 2) -> str:
 
 def table(rows: list[Row]) -> str:
     """A fixed-width text table (also valid Markdown)."""
-    head = ["section", "work", "impl", "variant", "median s", "min s", "throughput", "x vs base (median)",
-            "x vs base (min)"]
+    head = ["section", "work", "impl", "variant", "median s", "min s", "throughput", "x base (median)",
+            "x base (min)", "x base (cpu)"]
     body = [[r.section, r.work, r.impl, r.variant, _fmt(r.median_s, 3), _fmt(r.min_s, 3),
-             f"{_fmt(r.throughput)} {r.throughput_unit}", _fmt(r.ratio_median), _fmt(r.ratio_min)] for r in rows]
+             f"{_fmt(r.throughput)} {r.throughput_unit}", _fmt(r.ratio_median), _fmt(r.ratio_min), _fmt(r.ratio_cpu)]
+            for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
 
     def line(cells):

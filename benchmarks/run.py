@@ -17,8 +17,9 @@ Sections (see workloads.py for exactly what each side does):
 
 Every implementation of a piece of work is timed in the same process, in turns (rotating
 order), after warm-up; the table reports medians, minima and ratios baseline/ours (> 1 = ours
-is faster). On a shared machine absolute times drift a lot; the ratios are what to read, and
-the min column (least disturbed call) is the better guide when the load average is high.
+is faster) of wall time and of process CPU time. On a shared machine absolute times drift a
+lot; the ratios are what to read. With other work on the cores, prefer --threads 1 and the
+CPU-time ratio (time spent descheduled is not counted; with 2+ threads OpenMP spin-waits are).
 Results: bench_results/bench_<time>.json and .md (git-ignored); the table is also printed.
 """
 
@@ -125,7 +126,7 @@ def bench_sample(args, device: torch.device) -> list[Row]:
     cfg = get_preset("cifar10")
     cuda = device.type == "cuda"
     B = args.sample_batch or (256 if cuda else 64)
-    k = args.sample_steps or ((10 if args.quick else 50) if cuda else (2 if args.quick else 4))
+    k = args.sample_steps or ((10 if args.quick else 50) if cuda else 2)
     ours, theirs = build_models(cfg, device)
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
     shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
@@ -179,7 +180,7 @@ def bench_digits(args, device: torch.device) -> list[Row]:
 
     rows: list[Row] = []
     cfg = get_preset("digits")
-    steps = args.digits_train_steps or (10 if args.quick else 100)
+    steps = args.digits_train_steps or (10 if args.quick else 200 if device.type == "cuda" else 30)
     tv = {"default": [], "channels_last": ["train.channels_last=true"]}
     fns = {name: _DigitsTrain(device, steps, ov) for name, ov in tv.items()}
     labels = {name: ("ddpm", f"preset {name}" if name == "default" else f"preset + train.{name}") for name in tv}
@@ -187,6 +188,7 @@ def bench_digits(args, device: torch.device) -> list[Row]:
     tm = alternate(fns, args.repeats, warmup=0, device=device, log=log)
     for name, f in fns.items():  # report the trainer's own steps/s (its loop only), not the setup
         tm[name].times = [1.0 / v for v in f.steps_per_s]  # seconds per step, in run order
+        tm[name].cpu_times = []  # those covered the whole call, setup included
     rows += rows_from("digits", f"train end-to-end B={cfg.train.batch_size}", tm, 1.0, "steps/s", "default",
                       labels)
 
@@ -194,7 +196,7 @@ def bench_digits(args, device: torch.device) -> list[Row]:
     model.eval()
     B = args.sample_batch or (256 if device.type == "cuda" else 64)
     T = diffusion.num_timesteps
-    k = args.digits_sample_steps or (100 if args.quick else T)
+    k = args.digits_sample_steps or (100 if args.quick or device.type != "cuda" else T)
     shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
     variants = [SampleOptions(channels_last=False), SampleOptions()]
     if device.type == "cuda":
@@ -221,20 +223,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
     p.add_argument("--only", choices=("train", "sample", "digits"), default=None, help="run one section")
     p.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per implementation (default 5, quick 2)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats per implementation (default: 5 on GPU, 3 on CPU; --quick: 1)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile variants (slow to compile on CPU)")
     p.add_argument("--bf16", action="store_true", help="also time bf16 autocast on the CPU (on GPU it is always timed)")
     p.add_argument("--fused-adam", action="store_true", help="also time the fused CPU Adam kernel")
     p.add_argument("--train-batch", type=int, default=None, help="override the training batch (32 CPU / 128 GPU)")
     p.add_argument("--sample-batch", type=int, default=None, help="override the sampling batch (64 CPU / 256 GPU)")
-    p.add_argument("--sample-steps", type=int, default=None, help="sampling steps timed per call (>= 2)")
-    p.add_argument("--digits-train-steps", type=int, default=None, help="training steps per digits call")
-    p.add_argument("--digits-sample-steps", type=int, default=None, help="chain length for digits sampling")
+    p.add_argument("--sample-steps", type=int, default=None,
+                   help="cifar10 sampling steps timed per call, >= 2 (default: 2 on CPU, 50 on GPU; quick 10)")
+    p.add_argument("--digits-train-steps", type=int, default=None,
+                   help="training steps per digits call (default: 30 on CPU, 200 on GPU; quick 10)")
+    p.add_argument("--digits-sample-steps", type=int, default=None,
+                   help="digits chain length timed per call, extrapolated to T (default: 100 on CPU or quick, "
+                        "the full T on GPU)")
     p.add_argument("--out", default="bench_results", help="folder for the JSON and table")
     args = p.parse_args(argv)
-    if args.repeats is None:
-        args.repeats = 2 if args.quick else 5
-    if args.repeats < 1:
+    if args.repeats is not None and args.repeats < 1:
         p.error("--repeats must be >= 1")
     if args.sample_steps is not None and args.sample_steps < 2:
         p.error("--sample-steps must be >= 2 (a respaced chain needs two steps)")
@@ -247,6 +252,8 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         log("--device cuda: CUDA is not available")
         return 2
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 5 if device.type == "cuda" else 3
     if args.threads:
         torch.set_num_threads(args.threads)
     import diffusers

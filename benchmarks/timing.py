@@ -3,6 +3,10 @@
 The machine may be shared (other processes, noisy neighbours), so absolute times drift; what is
 compared is the ratio of medians over repeats in which every implementation ran once, in a
 rotating order (so no implementation always runs right after another, or first).
+
+Besides wall-clock time, the process CPU time of each call is recorded: with one thread it
+is the least disturbed measure on a busy machine (time spent descheduled is not counted), while
+with several OpenMP threads it also counts their spin-waiting. On CUDA only wall time means much.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class Timing:
     name: str
     warmup: list[float] = field(default_factory=list)
     times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)
 
     @property
     def median(self) -> float:
@@ -48,9 +53,9 @@ class Timing:
     def min(self) -> float:
         return min(self.times)
 
-    def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "median_s": self.median, "min_s": self.min,
-                "times_s": [round(v, 6) for v in self.times], "warmup_s": [round(v, 6) for v in self.warmup]}
+    @property
+    def cpu_median(self) -> float | None:
+        return statistics.median(self.cpu_times) if self.cpu_times else None
 
 
 def rotation(names: list[str], r: int) -> list[str]:
@@ -71,21 +76,24 @@ def alternate(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1, 
     names = list(fns)
     out = {n: Timing(n) for n in names}
 
-    def once(n: str) -> float:
+    def once(n: str) -> tuple[float, float]:
         sync(device)
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         fns[n]()
         sync(device)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.process_time() - c0
 
     for w in range(warmup):
         for n in rotation(names, w):
-            out[n].warmup.append(once(n))
+            wall, _ = once(n)
+            out[n].warmup.append(wall)
             if log:
-                log(f"  warm-up {w + 1}/{warmup} {n}: {out[n].warmup[-1]:.3f} s")
+                log(f"  warm-up {w + 1}/{warmup} {n}: {wall:.3f} s")
     for r in range(repeats):
         for n in rotation(names, r):
-            out[n].times.append(once(n))
+            wall, cpu = once(n)
+            out[n].times.append(wall)
+            out[n].cpu_times.append(cpu)
             if log:
-                log(f"  repeat {r + 1}/{repeats} {n}: {out[n].times[-1]:.3f} s")
+                log(f"  repeat {r + 1}/{repeats} {n}: {wall:.3f} s (cpu {cpu:.3f} s)")
     return out
