@@ -154,6 +154,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     stem = out.with_suffix("")
     if args.progressive or args.chains or args.interpolate:
         from .evaluate import figures
+
+        scale = _grid_scale(cfg.model.resolution)
         from .sampling import interpolate, sample_chains, sample_progressive
 
         if args.progressive:
@@ -161,20 +163,20 @@ def cmd_sample(args: argparse.Namespace) -> None:
             every = max(1, T // 10)
             _, xs, ts = sample_progressive(diffusion, model, shape, seeds[:n], every=every, **common)
             path = Path(f"{stem}_progressive.png")
-            figures.save_progressive(xs, ts, path)
+            figures.save_progressive(xs, ts, path, scale=scale)
             print(f"wrote progressive x0 predictions (Fig. 6) to {path}")
         if args.chains:
             splits = tuple(int(T * f) for f in (0.0, 0.25, 0.5, 0.75))
             xc = sample_chains(diffusion, model, shape, args.seed, 8, split_steps=splits, **common)
             path = Path(f"{stem}_chains.png")
-            figures.save_chains(xc, splits, path)
+            figures.save_chains(xc, splits, path, scale=scale)
             print(f"wrote shared-latent chains (Fig. 7) to {path}")
         if args.interpolate:
             t = args.interp_t if args.interp_t is not None else T // 2
             lambdas = [i / 10 for i in range(11)]
             xi = interpolate(diffusion, model, pair[0], pair[1], t, lambdas, args.seed, **common)
             path = Path(f"{stem}_interpolation.png")
-            figures.save_interpolation(pair[0], pair[1], xi, lambdas, path)
+            figures.save_interpolation(pair[0], pair[1], xi, lambdas, path, scale=scale)
             print(f"wrote interpolation at t={t} (Fig. 8/9) to {path}")
 
 
