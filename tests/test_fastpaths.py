@@ -252,6 +252,31 @@ def test_cuda_graph_sampling_matches_eager(amp):
 
 
 @pytest.mark.gpu
+@gpu
+def test_cuda_sampling_loop_makes_no_host_sync():
+    """The reverse loop (network, step, noise) never waits for the GPU: coefficients are
+    pre-gathered on the device and nothing is read back until the final copy to the host."""
+    from ddpm.rng import ImageNoise
+    from ddpm.sampling import Stepper, _run_chain, _t_rows
+
+    m, d = _tiny().cuda(), _diffusion()
+    stepper = Stepper(d, "cuda")
+    noise = ImageNoise(SEEDS, SHAPE, "cuda")
+    x = noise.next()
+    fm = FastModel(m, "cuda", cuda_graph=True)
+    rows = _t_rows(range(T), len(SEEDS), "cuda")
+    with torch.inference_mode(), channels_last(m):
+        fm(x, rows[0])  # the graph is captured before the check (capturing may sync)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = _run_chain(stepper, fm, x, noise, rows, T - 1, None)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.gpu
 @pytest.mark.slow
 @gpu
 def test_cuda_compile_reduce_overhead_sampling_matches_eager():
