@@ -44,13 +44,23 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The active autocast dtype for ``device_type`` ("cpu" / "cuda"), None when autocast is off."""
+    try:
+        on = torch.is_autocast_enabled(device_type)
+        return torch.get_autocast_dtype(device_type) if on else None
+    except (TypeError, AttributeError):  # torch < 2.4
+        if device_type == "cpu":
+            return torch.get_autocast_cpu_dtype() if torch.is_autocast_cpu_enabled() else None
+        return torch.get_autocast_gpu_dtype() if torch.is_autocast_enabled() else None
+
+
 _WARNED_SLOW_BF16 = False
 
 
 def _warn_if_slow_cpu_bf16(x: torch.Tensor) -> None:
     global _WARNED_SLOW_BF16
-    if (_WARNED_SLOW_BF16 or x.device.type != "cpu" or not torch.is_autocast_enabled("cpu")
-            or torch.get_autocast_dtype("cpu") != torch.bfloat16):
+    if _WARNED_SLOW_BF16 or x.device.type != "cpu" or autocast_dtype("cpu") != torch.bfloat16:
         return
     _WARNED_SLOW_BF16 = True
     if not cpu_has_fast_bf16():
@@ -173,8 +183,7 @@ class _CUDAGraphCall:
         self._graphs: dict[tuple, tuple] = {}
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        amp = torch.is_autocast_enabled("cuda")
-        amp_dtype = torch.get_autocast_dtype("cuda") if amp else None
+        amp_dtype = autocast_dtype("cuda")
         key = (tuple(x.shape), x.stride(), x.dtype, x.device, tuple(t.shape), t.dtype, amp_dtype)
         entry = self._graphs.get(key)
         if entry is None:
