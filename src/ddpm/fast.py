@@ -18,7 +18,7 @@ results agree with the plain eager call up to float rounding (tests/test_fastpat
 Measured on the 2-core AMD EPYC (AVX2, no AVX-512/AMX) this project runs on: channels_last
 ~1.15x on the CIFAR-10 U-Net forward, inductor adds little on top (the 3x3 convolutions are
 ~75% of the time and already run near the FMA peak), and bf16 autocast is ~20x *slower* than
-fp32 because this CPU has no bf16 instructions. See benchmarks/README.md for the numbers.
+fp32 because this CPU has no bf16 instructions. `make bench` measures them.
 """
 
 from __future__ import annotations
