@@ -179,14 +179,14 @@ class TheirsTrainStep:
 # ---------------------------------------------------------------------------------------------- sampling
 @dataclass
 class SampleOptions:
-    channels_last: bool | None = None  # None: sample()'s default (on for a module on CPU/CUDA)
+    channels_last: bool | None = None  # None: sample()'s default (ddpm.fast.wants_channels_last)
     compile: bool = False
     cuda_graph: bool = False
     amp_dtype: torch.dtype | None = None
 
     def label(self) -> str:
         parts = ["bf16" if self.amp_dtype == torch.bfloat16 else "fp16" if self.amp_dtype == torch.float16 else "fp32"]
-        parts.append("NCHW" if self.channels_last is False else "channels_last")
+        parts.append({False: "NCHW", True: "channels_last", None: "auto layout"}[self.channels_last])
         if self.compile:
             parts.append("compile")
         if self.cuda_graph:

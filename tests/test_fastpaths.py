@@ -89,7 +89,7 @@ def test_fast_model_channels_last_matches_the_plain_call():
     x, t = torch.randn(3, *SHAPE), torch.tensor([0, 5, 999])
     with torch.no_grad():
         ref = m(x, t)
-        fm = FastModel(m, "cpu")
+        fm = FastModel(m, "cpu", channels_last=True)
         assert fm.channels_last and not fm.compile and not fm.cuda_graph
         with channels_last(m):
             out = fm(x, t)
@@ -105,6 +105,10 @@ def test_fast_model_leaves_plain_callables_and_other_devices_alone():
     assert not wants_channels_last(f, "cpu")
     assert not wants_channels_last(_tiny(), "meta")
     assert wants_channels_last(_tiny(), "cpu")
+    # CPU: NHWC only for images of 32x32 and more (measured slower on 8x8); CUDA: always
+    assert not wants_channels_last(_tiny(), "cpu", (8, 8)) and wants_channels_last(_tiny(), "cpu", (32, 32))
+    assert wants_channels_last(_tiny(), "cuda", (8, 8))
+    assert not FastModel(_tiny(), "cpu", image_hw=(8, 8)).channels_last
     fm = FastModel(f, "cpu", cuda_graph=True)
     assert not fm.channels_last and not fm.cuda_graph  # CUDA graphs only on CUDA
     x = torch.randn(2, 1, 4, 4)
@@ -118,27 +122,27 @@ def test_sample_channels_last_matches_plain_and_restores_model(kw):
     m, d = _tiny(), _diffusion()
     snap = _snapshot(m)
     plain = sample(d, m, SHAPE, SEEDS, channels_last=False, **kw)
-    fast = sample(d, m, SHAPE, SEEDS, **kw)  # default: channels_last for a module on the CPU
+    fast = sample(d, m, SHAPE, SEEDS, channels_last=True, **kw)
     _assert_unchanged(m, snap)
     assert fast.is_contiguous() and fast.dtype == torch.float32
     torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)
-    other = sample(d, _tiny(seed=5), SHAPE, SEEDS, **kw)
+    other = sample(d, _tiny(seed=5), SHAPE, SEEDS, channels_last=True, **kw)
     assert (other - fast).abs().max() > 1e-2  # a different network gives different samples
 
 
 def test_progressive_chains_interpolate_channels_last_match_plain():
     m, d = _tiny(), _diffusion()
     f1, xs1, ts1 = sample_progressive(d, m, SHAPE, SEEDS, every=3, channels_last=False)
-    f2, xs2, ts2 = sample_progressive(d, m, SHAPE, SEEDS, every=3)
+    f2, xs2, ts2 = sample_progressive(d, m, SHAPE, SEEDS, every=3, channels_last=True)
     assert ts1 == ts2
     torch.testing.assert_close(xs2, xs1, rtol=0, atol=1e-4)
     torch.testing.assert_close(f2, f1, rtol=0, atol=1e-4)
     c1 = sample_chains(d, m, SHAPE, seed=2, n=2, split_steps=(0, 4), channels_last=False)
-    c2 = sample_chains(d, m, SHAPE, seed=2, n=2, split_steps=(0, 4))
+    c2 = sample_chains(d, m, SHAPE, seed=2, n=2, split_steps=(0, 4), channels_last=True)
     torch.testing.assert_close(c2, c1, rtol=0, atol=1e-4)
     a, b = torch.rand(*SHAPE) * 2 - 1, torch.rand(*SHAPE) * 2 - 1
     i1 = interpolate(d, m, a, b, t=5, lambdas=[0.0, 0.5, 1.0], seed=1, channels_last=False)
-    i2 = interpolate(d, m, a, b, t=5, lambdas=[0.0, 0.5, 1.0], seed=1)
+    i2 = interpolate(d, m, a, b, t=5, lambdas=[0.0, 0.5, 1.0], seed=1, channels_last=True)
     torch.testing.assert_close(i2, i1, rtol=0, atol=1e-4)
 
 

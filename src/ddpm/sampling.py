@@ -215,11 +215,13 @@ def _progress(progress: bool, total: int, desc: str):
 
 
 @contextlib.contextmanager
-def _fast_model(model: Callable, device, channels_last: bool | None, compile: bool, cuda_graph: bool,
+def _fast_model(model: Callable, device, shape, channels_last: bool | None, compile: bool, cuda_graph: bool,
                 amp_dtype: torch.dtype | None = None) -> Iterator[Callable]:
-    """``model`` wrapped in :class:`ddpm.fast.FastModel`; for the block its weights are
-    channels_last and, under autocast, already in ``amp_dtype`` (cast once, not every step)."""
-    fm = FastModel(model, device, channels_last=channels_last, compile=compile, cuda_graph=cuda_graph)
+    """``model`` wrapped in :class:`ddpm.fast.FastModel` for (C, H, W) images; for the block its
+    weights are channels_last (if chosen) and, under autocast, already in ``amp_dtype`` (cast
+    once, not every step)."""
+    fm = FastModel(model, device, channels_last=channels_last, compile=compile, cuda_graph=cuda_graph,
+                   image_hw=tuple(shape[-2:]))
     with _channels_last_weights(model, enabled=fm.channels_last), lowp_weights(model, amp_dtype):
         yield fm
 
@@ -238,7 +240,7 @@ def _sample_impl(diffusion, model, shape, seeds, batch_size, device, sampler, st
     batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
     pbar = _progress(progress, len(batches) * S, "sampling")
     finals, records = [], []
-    with _fast_model(model, device, **(fast or {}), amp_dtype=amp_dtype) as model:
+    with _fast_model(model, device, shape, **(fast or {}), amp_dtype=amp_dtype) as model:
         for b_seeds in batches:
             _sample_batch(stepper, model, shape, b_seeds, device, tmap, S, amp_dtype, pbar, every, n_slots,
                           finals, records)
@@ -288,7 +290,8 @@ def sample(diffusion: GaussianDiffusion, model: Callable, shape: Sequence[int], 
             One compilation per architecture and batch shape (minutes for the CIFAR-10 U-Net on a
             CPU), then the compiled code is reused by later calls in the process.
         channels_last: NHWC weights and inputs for the network during the call (the module is
-            restored afterwards); None = on for an ``nn.Module`` on CPU/CUDA.
+            restored afterwards); None = :func:`ddpm.fast.wants_channels_last` (an ``nn.Module``
+            on CUDA, or on the CPU for images of at least 32x32).
         cuda_graph: on CUDA, replay the network from a CUDA graph (ignored elsewhere).
 
     Returns: float32 CPU tensor [N, C, H, W]; in [-1, 1] when clip_denoised (the final sample is
@@ -384,7 +387,7 @@ def sample_chains(diffusion: GaussianDiffusion, model: Callable, shape: Sequence
     share = steps_left[:, None] <= split_rows[None, :]  # [T, R]
     stepper = Stepper(diffusion, device, "ancestral", clip_denoised=clip_denoised)
     pbar = _progress(progress, T, "chains")
-    with _fast_model(model, device, channels_last, compile, cuda_graph, amp_dtype) as fm:
+    with _fast_model(model, device, shape, channels_last, compile, cuda_graph, amp_dtype) as fm:
         x = _run_chain(stepper, fm, x, _SharedThenSplit(shared, own, share, len(splits)),
                        _t_rows(range(T), R, device), T - 1, amp_dtype, pbar=pbar)
     if pbar is not None:
@@ -431,7 +434,7 @@ def interpolate(diffusion: GaussianDiffusion, model: Callable, x0_a: torch.Tenso
     x = (1.0 - lam) * xt_a + lam * xt_b  # [L, C, H, W]
     stepper = Stepper(diffusion, device, "ancestral", clip_denoised=clip_denoised)
     pbar = _progress(progress, t + 1, "interpolate")
-    with _fast_model(model, device, channels_last, compile, cuda_graph, amp_dtype) as fm:
+    with _fast_model(model, device, shape, channels_last, compile, cuda_graph, amp_dtype) as fm:
         x = _run_chain(stepper, fm, x, _Repeat(ImageNoise([seed_rev], shape, device), L),
                        _t_rows(range(T), L, device), t, amp_dtype, pbar=pbar)
     if pbar is not None:
