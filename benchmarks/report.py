@@ -67,7 +67,9 @@ def _fmt(v: float | None, nd: int = 2) -> str:
         return "-"
     if v >= 100:
         return f"{v:.0f}"
-    return f"{v:.{nd}f}" if v >= 0.01 else f"{v:.2e}"
+    if v >= 1:
+        return f"{v:.{nd}f}"
+    return f"{v:.3g}"
 
 
 def table(rows: list[Row]) -> str:
