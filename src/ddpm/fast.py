@@ -16,9 +16,10 @@ results agree with the plain eager call up to float rounding (tests/test_fastpat
   :class:`torch.cuda.CUDAGraph`).
 
 Measured on the 2-core AMD EPYC (AVX2, no AVX-512/AMX) this project runs on: channels_last
-~1.15x on the CIFAR-10 U-Net forward, inductor adds little on top (the 3x3 convolutions are
-~75% of the time and already run near the FMA peak), and bf16 autocast is ~20x *slower* than
-fp32 because this CPU has no bf16 instructions. `make bench` measures them.
+~1.17x on CIFAR-10 sampling (but slower on 8x8 images, see :func:`wants_channels_last`),
+inductor 1.03-1.09x on top (the 3x3 convolutions are ~82% of the time and already run near the
+FMA peak), and bf16 autocast 7-8x *slower* than fp32 because this CPU has no bf16 instructions.
+`make bench` measures them; benchmarks/README.md has the numbers and profiles.
 """
 
 from __future__ import annotations
