@@ -72,7 +72,7 @@ def _add_common_model_args(p: argparse.ArgumentParser, required: bool = True) ->
                    help="checkpoint file, or a run folder (its latest checkpoint, EMA weights)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                   help="network precision: bf16 autocast is much faster on CPUs with AMX and on GPUs")
+                   help="network precision: bf16 autocast is faster on GPUs and CPUs with AMX/AVX512-BF16, several times slower on CPUs without bf16 instructions")
     p.add_argument("--batch-size", type=_POS, default=64, help="images per network call")
     p.add_argument("--seed", type=_NONNEG, default=0, help="image k uses seed SEED+k (same image whatever the batch size)")
 
