@@ -24,30 +24,26 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USER_ERROR)
 
 
-def _int_at_least(lo: int):
-    def parse(s: str) -> int:
+def _at_least(cast, lo, noun: str):
+    """An argparse type: ``cast(s)`` (int or float) that must be >= ``lo`` (NaN is refused too)."""
+    def parse(s: str):
         try:
-            v = int(s)
+            v = cast(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {s!r}") from None
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {v}")
+            raise argparse.ArgumentTypeError(f"expected {noun} >= {lo}, got {s!r}") from None
+        if not v >= lo:
+            raise argparse.ArgumentTypeError(f"expected {noun} >= {lo}, got {s}")
         return v
-    parse.__name__ = f"int>={lo}"
+    parse.__name__ = f"{cast.__name__}>={lo}"
     return parse
+
+
+def _int_at_least(lo: int):
+    return _at_least(int, lo, "an integer")
 
 
 def _float_at_least(lo: float):
-    def parse(s: str) -> float:
-        try:
-            v = float(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number >= {lo}, got {s!r}") from None
-        if not v >= lo:
-            raise argparse.ArgumentTypeError(f"expected a number >= {lo}, got {s}")
-        return v
-    parse.__name__ = f"float>={lo}"
-    return parse
+    return _at_least(float, lo, "a number")
 
 
 _POS = _int_at_least(1)
