@@ -130,7 +130,10 @@ def bench_sample(args, device: torch.device) -> list[Row]:
     ours, theirs = build_models(cfg, device)
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
     shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
-    variants = [SampleOptions(channels_last=False), SampleOptions(channels_last=True)]
+    # ours0/ours1: oneDNN's direct convolution (the same kernels diffusers calls), NCHW / NHWC
+    variants = [SampleOptions(channels_last=False, winograd=False), SampleOptions(channels_last=True, winograd=False)]
+    if not cuda:  # the CPU default: Winograd F(4x4, 3x3) for the wide 3x3 convolutions
+        variants.append(SampleOptions(channels_last=True, winograd=True))
     if cuda:
         variants += [SampleOptions(channels_last=True, cuda_graph=True),
                      SampleOptions(channels_last=True, cuda_graph=True, amp_dtype=torch.bfloat16)]

@@ -183,10 +183,13 @@ class SampleOptions:
     compile: bool = False
     cuda_graph: bool = False
     amp_dtype: torch.dtype | None = None
+    winograd: bool | None = None  # None: sample()'s default (Winograd for eager fp32 CPU runs)
 
     def label(self) -> str:
         parts = ["bf16" if self.amp_dtype == torch.bfloat16 else "fp16" if self.amp_dtype == torch.float16 else "fp32"]
         parts.append({False: "NCHW", True: "channels_last", None: "auto layout"}[self.channels_last])
+        if self.winograd:
+            parts.append("Winograd")
         if self.compile:
             parts.append("compile")
         if self.cuda_graph:
@@ -211,7 +214,7 @@ class OursSampler:
         self.last = sample(self.diffusion, self.model, self.shape, self.seeds, device=self.device,
                            steps=None if self.steps == self.diffusion.num_timesteps else self.steps,
                            amp_dtype=o.amp_dtype, compile=o.compile, channels_last=o.channels_last,
-                           cuda_graph=o.cuda_graph)
+                           cuda_graph=o.cuda_graph, winograd=o.winograd)
 
 
 class TheirsSampler:

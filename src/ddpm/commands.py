@@ -144,7 +144,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
         if len(pair) < 2:
             raise UserError(f"--data {args.data or cfg.data.source}: --interpolate needs at least 2 test images")
     seeds = list(range(args.seed, args.seed + args.n))
-    common = dict(device=dev, amp_dtype=_amp(args.precision), progress=not args.no_progress)
+    common = dict(device=dev, amp_dtype=_amp(args.precision), progress=not args.no_progress,
+                  winograd={"auto": None, "winograd": True, "direct": False}[args.conv])
     x = sample(diffusion, model, shape, seeds, batch_size=args.batch_size, sampler=args.sampler,
                steps=args.steps, eta=args.eta, compile=args.compile, cuda_graph=args.cuda_graph, **common)
     images = to_uint8(x)

@@ -1,0 +1,262 @@
+"""Winograd F(4x4, 3x3) convolution for CPU inference (Lavin & Gray, "Fast Algorithms for
+Convolutional Neural Networks", CVPR 2016).
+
+Why: on a CPU without bf16/AMX units the U-Net's 3x3 convolutions are ~80% of a sampling step
+and oneDNN already runs them at ~90-105 GFLOP/s per core, the AVX2 FMA peak. The only way to go
+faster in float32 is to do fewer multiplications. F(4x4, 3x3) computes each 4x4 output tile from
+a 6x6 input tile with 36 multiplications per (input channel, output channel) pair instead of
+16 * 9 = 144, i.e. 4x fewer; the work becomes 36 matrix products [tiles, C_in] x [C_in, C_out]
+plus cheap additions (the input and output transforms).
+
+The arithmetic stays float32 but is not the same sum as a direct convolution: the transforms
+scale values by up to 8 and 1/24, so the rounding error is ~5-10x that of the direct float32
+convolution (measured max |diff| 1e-4 on outputs of size ~10, i.e. ~1e-5 relative; bf16 autocast
+is ~1e-2). tests/test_winograd.py checks it against ``F.conv2d`` in float64.
+
+Use :func:`winograd_convs` as a context manager around a loop of network calls (sampling): it
+routes every eligible ``nn.Conv2d`` (3x3, stride 1, padding 1, no dilation or groups, float32 on
+the CPU, at least :data:`MIN_CHANNELS` channels in and out) through :func:`winograd_conv2d`, and
+falls back to the module's own forward for anything else (autograd, autocast, other dtypes or
+devices, calls with too few tiles to pay: :data:`MIN_WORK`). Measured (benchmarks/README.md): 1.23x on a 32x32x128->128
+convolution at batch 64, 1.8-2.0x on the 16x16 and 8x8 ones with 256 channels; 1.38x on the
+whole CIFAR-10 U-Net forward pass.
+
+Matrices (F(4, 3), interpolation points 0, +-1, +-2, inf), for a 1-D tile d (6), filter g (3),
+output y (4):  y = A^T [(G g) * (B^T d)].  2-D: Y = A^T [(G g G^T) * (B^T d B)] A.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from fractions import Fraction
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["MIN_CHANNELS", "MIN_WORK", "M", "ALPHA", "transform_weight", "winograd_conv2d", "Workspace", "winograd_convs",
+           "is_eligible"]
+
+M = 4  # output tile size
+ALPHA = M + 2  # input tile size (M + r - 1, r = 3)
+# When Winograd pays (benchmarks/README.md, one thread, NHWC, against oneDNN's direct
+# convolution): the transforms are ~150 memory-bound passes with a fixed per-call cost, so the
+# products [tiles, C_in] x [C_in, C_out] must be wide and long enough. Measured speed-ups: C = 64
+# at most 1.14x (32x32, any batch), so below 128 channels it is not used; C = 128 needs >= 32 tiles
+# (1.2x at 64 tiles, 0.6x at 16), C = 256 >= 16 tiles (1.2-1.3x; 0.7x at 4).
+MIN_CHANNELS = 128
+MIN_WORK = 4096  # tiles (batch * ceil(H/4) * ceil(W/4)) times min(C_in, C_out)
+
+_B_T = [[4, 0, -5, 0, 1, 0],
+        [0, -4, -4, 1, 1, 0],
+        [0, 4, -4, -1, 1, 0],
+        [0, -2, -1, 2, 1, 0],
+        [0, 2, -1, -2, 1, 0],
+        [0, 4, 0, -5, 0, 1]]
+_G = [[Fraction(1, 4), 0, 0],
+      [Fraction(-1, 6), Fraction(-1, 6), Fraction(-1, 6)],
+      [Fraction(-1, 6), Fraction(1, 6), Fraction(-1, 6)],
+      [Fraction(1, 24), Fraction(1, 12), Fraction(1, 6)],
+      [Fraction(1, 24), Fraction(-1, 12), Fraction(1, 6)],
+      [0, 0, 1]]
+_A_T = [[1, 1, 1, 1, 1, 0],
+        [0, 1, -1, 2, -2, 0],
+        [0, 1, 1, 4, 4, 0],
+        [0, 1, -1, 8, -8, 1]]
+
+
+def matrices(dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B^T [6, 6], G [6, 3], A^T [4, 6]) as tensors (the reference for the hand-written transforms)."""
+    def t(rows):
+        return torch.tensor([[float(v) for v in r] for r in rows], dtype=dtype)
+    return t(_B_T), t(_G), t(_A_T)
+
+
+def transform_weight(weight: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Filter transform U = G g G^T for every (out, in) channel pair.
+
+    weight: [C_out, C_in, 3, 3] (any memory format). Returns U: [36, C_in, C_out] contiguous in
+    ``dtype``, computed in float64 so the only float32 rounding is the final cast.
+    """
+    if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        raise ValueError(f"transform_weight needs a [C_out, C_in, 3, 3] weight, got {tuple(weight.shape)}")
+    _, g, _ = matrices(torch.float64)
+    g = g.to(weight.device)
+    u = torch.einsum("ak,oikl,bl->abio", g, weight.detach().to(torch.float64), g)
+    return u.reshape(ALPHA * ALPHA, weight.shape[1], weight.shape[0]).to(dtype).contiguous()
+
+
+class Workspace:
+    """Scratch buffers reused across calls, so that each convolution does not allocate (and the
+    kernel does not zero-fill and page-fault) ~100 MB of fresh memory: at batch 64 that costs
+    as much as the matrix products. One flat buffer per role, grown to the largest need."""
+
+    def __init__(self):
+        self._flat: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        n = 1
+        for s in shape:
+            n *= int(s)
+        flat = self._flat.get(name)
+        if flat is None or flat.numel() < n or flat.dtype != like.dtype or flat.device != like.device:
+            flat = self._flat[name] = torch.empty(n, dtype=like.dtype, device=like.device)
+        return flat[:n].view(shape)
+
+    def clear(self) -> None:
+        self._flat.clear()
+
+
+def _bt_1d(d: list[torch.Tensor], out: list[torch.Tensor], tmp: torch.Tensor) -> None:
+    """out = B^T d along one axis: 6 strided views in, 6 buffers out (14 passes instead of 22,
+    by sharing the sums d1 +- d2 and d3 - d1)."""
+    d0, d1, d2, d3, d4, d5 = d
+    o0, o1, o2, o3, o4, o5 = out
+    torch.add(d4, d0, alpha=4, out=o0).add_(d2, alpha=-5)       # 4 d0 - 5 d2 + d4
+    torch.add(d5, d1, alpha=4, out=o5).add_(d3, alpha=-5)       # 4 d1 - 5 d3 + d5
+    torch.add(d1, d2, out=tmp)
+    torch.add(d4, d3, out=o1).add_(tmp, alpha=-4)               # (d3 + d4) - 4 (d1 + d2)
+    torch.sub(d1, d2, out=tmp)
+    torch.sub(d4, d3, out=o2).add_(tmp, alpha=4)                # (d4 - d3) + 4 (d1 - d2)
+    torch.sub(d3, d1, out=tmp)
+    torch.sub(d4, d2, out=o3)
+    torch.sub(o3, tmp, alpha=2, out=o4)                         # (d4 - d2) - 2 (d3 - d1)
+    o3.add_(tmp, alpha=2)                                       # (d4 - d2) + 2 (d3 - d1)
+
+
+def _at_1d(m: list[torch.Tensor], out: list[torch.Tensor], tmp: list[torch.Tensor]) -> None:
+    """out = A^T m along one axis: 6 views in, 4 out, with a = m1 + m2, b = m1 - m2,
+    c = m3 + m4, e = m3 - m4 shared (10 passes instead of 18)."""
+    m0, m1, m2, m3, m4, m5 = m
+    y0, y1, y2, y3 = out
+    a, b, c, e = tmp
+    torch.add(m1, m2, out=a)
+    torch.sub(m1, m2, out=b)
+    torch.add(m3, m4, out=c)
+    torch.sub(m3, m4, out=e)
+    torch.add(m0, a, out=y0).add_(c)                            # m0 + a + c
+    torch.add(b, e, alpha=2, out=y1)                            # b + 2 e
+    torch.add(a, c, alpha=4, out=y2)                            # a + 4 c
+    torch.add(b, e, alpha=8, out=y3).add_(m5)                   # b + 8 e + m5
+
+
+def winograd_conv2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
+                    workspace: Workspace | None = None) -> torch.Tensor:
+    """Same as ``F.conv2d(x, weight, bias, stride=1, padding=1)`` up to float rounding.
+
+    x: [B, C_in, H, W] float (NHWC strides avoid one copy); u: :func:`transform_weight` of the
+    weight, [36, C_in, C_out]; bias: [C_out] or None. Returns [B, C_out, H, W] in NHWC strides
+    (channels_last). H and W need not be multiples of 4 (the last tiles are zero-padded).
+    Not differentiable (writes into the workspace): for inference only.
+    """
+    ws = workspace if workspace is not None else Workspace()
+    bsz, c_in, h, w = x.shape
+    c_out = u.shape[2]
+    if u.shape[:2] != (ALPHA * ALPHA, c_in):
+        raise ValueError(f"transformed weight {tuple(u.shape)} does not fit an input with {c_in} channels")
+    nh, nw = -(-h // M), -(-w // M)
+    hp, wp = nh * M + 2, nw * M + 2
+    n_tiles = bsz * nh * nw
+
+    # Zero-padded NHWC copy of the input: pad 1 on top/left, 1 plus the tile remainder below/right.
+    xp = ws.get("xp", (bsz, hp, wp, c_in), x)
+    xp[:, 0].zero_()
+    xp[:, h + 1:].zero_()
+    xp[:, :, 0].zero_()
+    xp[:, :, w + 1:].zero_()
+    xp[:, 1:h + 1, 1:w + 1].copy_(x.permute(0, 2, 3, 1))
+
+    # Input transform V = B^T d B, rows then columns; tiles start every M pixels.
+    tile_rows = [xp[:, k:k + M * (nh - 1) + 1:M] for k in range(ALPHA)]          # [B, nh, wp, C]
+    rows = ws.get("rows", (ALPHA, bsz, nh, wp, c_in), x)
+    _bt_1d(tile_rows, list(rows), ws.get("tmp_in", (bsz, nh, wp, c_in), x))
+    v = ws.get("v", (ALPHA, ALPHA, bsz, nh, nw, c_in), x)
+    tmp = ws.get("tmp_in", (bsz, nh, nw, c_in), x)
+    for i in range(ALPHA):
+        _bt_1d([rows[i][:, :, k:k + M * (nw - 1) + 1:M] for k in range(ALPHA)], list(v[i]), tmp)
+
+    # 36 independent products over channels: the only O(C_in * C_out) work.
+    prod = ws.get("prod", (ALPHA, ALPHA, n_tiles, c_out), x)
+    torch.bmm(v.view(ALPHA * ALPHA, n_tiles, c_in), u, out=prod.view(ALPHA * ALPHA, n_tiles, c_out))
+
+    # Output transform Y = A^T m A, rows then columns, written straight into the NHWC result.
+    half = ws.get("half", (M, ALPHA, n_tiles, c_out), x)
+    tmps = [ws.get(f"tmp_out{k}", (n_tiles, c_out), x) for k in range(4)]
+    for j in range(ALPHA):
+        _at_1d([prod[i, j] for i in range(ALPHA)], [half[p, j] for p in range(M)], tmps)
+    y = torch.empty((bsz, nh, M, nw, M, c_out), dtype=x.dtype, device=x.device)
+    tmps = [t.view(bsz, nh, nw, c_out) for t in tmps]
+    for p in range(M):
+        _at_1d([half[p, j].view(bsz, nh, nw, c_out) for j in range(ALPHA)], [y[:, :, p, :, q] for q in range(M)],
+               tmps)
+    y = y.view(bsz, nh * M, nw * M, c_out)
+    if bias is not None:
+        y.add_(bias)
+    if nh * M != h or nw * M != w:
+        y = y[:, :h, :w].contiguous()
+    return y.permute(0, 3, 1, 2)
+
+
+def is_eligible(conv: nn.Module) -> bool:
+    """Whether :func:`winograd_convs` may route this module: an ``nn.Conv2d`` computing a 3x3,
+    stride-1, padding-1, undilated, ungrouped, zero-padded convolution with at least
+    :data:`MIN_CHANNELS` input and output channels."""
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
+            and conv.padding in ((1, 1), "same") and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.padding_mode == "zeros" and conv.in_channels >= MIN_CHANNELS
+            and conv.out_channels >= MIN_CHANNELS)
+
+
+class _WinogradForward:
+    """Replacement ``forward`` for one conv: Winograd when it applies, the module's own otherwise.
+    The transformed weight is cached and recomputed if the weight tensor changes (new storage,
+    as with :func:`ddpm.fast.channels_last`, or an in-place update)."""
+
+    def __init__(self, conv: nn.Conv2d, workspace: Workspace):
+        self.conv, self.workspace = conv, workspace
+        self._key = None
+        self._u = None
+
+    def _transformed(self) -> torch.Tensor:
+        wt = self.conv.weight
+        key = (wt.data_ptr(), wt._version, wt.dtype, wt.device)
+        if key != self._key:
+            with torch.no_grad():
+                self._u = transform_weight(wt, wt.dtype)
+            self._key = key
+        return self._u
+
+    def applies(self, x: torch.Tensor) -> bool:
+        wt = self.conv.weight
+        return (x.dim() == 4 and x.device.type == "cpu" and x.dtype == torch.float32 and wt.dtype == torch.float32
+                and wt.device.type == "cpu"
+                and x.shape[0] * -(-x.shape[-2] // M) * -(-x.shape[-1] // M) * min(wt.shape[0], wt.shape[1]) >= MIN_WORK
+                and not torch.is_autocast_enabled("cpu")
+                and not (torch.is_grad_enabled() and (x.requires_grad or wt.requires_grad)))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.applies(x):
+            return nn.Conv2d.forward(self.conv, x)
+        return winograd_conv2d(x, self._transformed(), self.conv.bias, self.workspace)
+
+
+@contextlib.contextmanager
+def winograd_convs(model: nn.Module, enabled: bool = True) -> Iterator[int]:
+    """Within the block, every eligible conv of ``model`` (:func:`is_eligible`) runs through
+    :func:`winograd_conv2d` whenever the call allows it (CPU, float32, no autograd, no autocast);
+    other calls use the module's own forward. Yields the number of convs routed. The module is
+    exactly as before on exit (the per-instance ``forward`` is removed, the scratch memory freed).
+    Not for concurrent calls of the same model from several threads (one shared workspace).
+    """
+    convs = [m for m in model.modules() if is_eligible(m)] if enabled and isinstance(model, nn.Module) else []
+    workspace = Workspace()
+    for conv in convs:
+        conv.forward = _WinogradForward(conv, workspace)
+    try:
+        yield len(convs)
+    finally:
+        for conv in convs:
+            conv.__dict__.pop("forward", None)
+        workspace.clear()
+
