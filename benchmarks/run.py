@@ -82,8 +82,11 @@ def bench_train(args, device: torch.device) -> list[Row]:
     variants = [OursOptions(), OursOptions(channels_last=True)]
     if cuda:
         variants.append(OursOptions(channels_last=True, precision="bf16"))
+    if not cuda:  # train.winograd (forward and input gradient by Winograd F(4x4, 3x3))
+        variants.append(OursOptions(channels_last=True, winograd=True))
     if args.fused_adam and not cuda:
         variants.append(OursOptions(channels_last=True, fused_adam=True))
+        variants.append(OursOptions(channels_last=True, fused_adam=True, winograd=True))
     if args.compile:
         variants.append(OursOptions(channels_last=True, compile=True, precision="bf16" if cuda else "fp32"))
     if args.bf16 and not cuda:

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ddpm.config import Config, TrainConfig
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.nets.unet import UNet
+from ddpm.winograd import winograd_convs
 
 LR = 2e-4
 
@@ -67,11 +68,14 @@ class OursOptions:
     precision: str = "fp32"     # fp32 | bf16 | fp16 (ddpm.train.precision)
     compile: bool = False
     fused_adam: bool | None = None  # None: the trainer's choice (fused on CUDA, foreach elsewhere)
+    winograd: bool = False  # train.winograd
 
     def label(self) -> str:
         parts = [self.precision]
         if self.channels_last:
             parts.append("channels_last")
+        if self.winograd:
+            parts.append("Winograd")
         if self.compile:
             parts.append("compile")
         if self.fused_adam is not None:
@@ -105,6 +109,9 @@ class OursTrainStep:
                                                                      else {"foreach": True}))
         self.precision = resolve_precision(opts.precision, device)
         self.train_model = torch.compile(model) if opts.compile else model
+        # as the trainer does: routed for the whole run (this model copy is this variant's own)
+        self._winograd = winograd_convs(model, enabled=opts.winograd, autograd=True)
+        self._winograd.__enter__()
         self.g_t = torch.Generator(device="cpu")
         self.g_noise = torch.Generator(device=device)
         self.step = 0

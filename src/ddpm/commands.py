@@ -126,6 +126,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
     out = _check_suffix(args.out, ".npz", "--out")
     grid = _check_suffix(args.grid, ".png", "--grid") if args.grid else out.with_suffix(".png")
+    if args.conv == "winograd" and args.compile:
+        raise UserError("--conv winograd cannot be combined with --compile (inductor compiles the direct "
+                        "convolution); drop one of them")
     dev = _device(args.device)
     model, diffusion, cfg, _ = load(args.ckpt, device=dev)
     T = diffusion.num_timesteps

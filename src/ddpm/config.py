@@ -112,6 +112,9 @@ class TrainConfig:
     precision: str = "auto"
     compile: bool = False
     channels_last: bool = False
+    # CPU float32 eager runs: Winograd F(4x4,3x3) for the 3x3 convs with >= 128 channels
+    # (ddpm.winograd); no effect with compile, autocast, on CUDA, or on narrower networks
+    winograd: bool = True
     max_nonfinite_in_row: int = 20
     log_every: int = 100
     sample_every: int = 10_000

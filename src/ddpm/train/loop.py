@@ -42,6 +42,7 @@ from .optim import grad_norm_and_clip, load_optimizer_tensors, make_optimizer, o
 from .precision import resolve_precision
 from .state import (RunFolder, check_resume_compatible, check_train_meta, find_resume_checkpoint, refuse_overwrite,
                     step_of)
+from ..winograd import winograd_convs
 from .tsampler import make_t_sampler
 
 # Stream identifiers mixed into the per-step seeds (any fixed distinct numbers).
@@ -410,6 +411,10 @@ class _Trainer:
         start_step, t_start = self.step, time.perf_counter()
         last_loss = None
         shown_loss = None
+        # Kept open for the whole run: its scratch memory is allocated once, not at every step.
+        # Not under torch.compile, which compiles the direct convolution.
+        wino = winograd_convs(self.model, enabled=tc.winograd and not tc.compile, autograd=True)
+        wino.__enter__()
         try:
             while self.step < tc.total_steps:
                 applied, stats, grad_norm = self._one_step()
@@ -446,6 +451,7 @@ class _Trainer:
                 if (tc.save_every and self.step % tc.save_every == 0) or self.step == tc.total_steps:
                     last_ckpt = self._save()
         finally:
+            wino.__exit__(None, None, None)
             self.bar.close()
             self.batches.close()
             if writer is not None:
