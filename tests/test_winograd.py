@@ -59,9 +59,11 @@ def test_hand_written_transforms_equal_the_matrices():
                                    (1, 2, 2, 1, 1)])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("nhwc", [True, False])
-def test_equals_conv2d_in_float64(shape, bias, nhwc):
-    """Any size (including ones that are not multiples of 4, and 1x1), any layout: the same as
-    F.conv2d(padding=1) up to float64 rounding."""
+@pytest.mark.parametrize("grouped", [True, False])
+def test_equals_conv2d_in_float64(shape, bias, nhwc, grouped, monkeypatch):
+    """Any size (including ones that are not multiples of 4, and 1x1), any layout, either pass
+    grouping: the same as F.conv2d(padding=1) up to float64 rounding."""
+    monkeypatch.setattr(wg, "GROUP_MAX", 1 << 30 if grouped else 0)
     x, weight, b = _conv_args(*shape, bias=bias)
     if nhwc:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -204,8 +206,8 @@ def test_sampling_uses_it_by_default_on_cpu():
 @pytest.mark.parametrize("shape", [(2, 5, 3, 8, 8), (1, 4, 6, 7, 5)])
 @pytest.mark.parametrize("bias", [True, False])
 def test_autograd_function_equals_conv2d_gradients_in_float64(shape, bias):
-    """Forward and input gradient by Winograd, weight/bias gradients by oneDNN: all equal to
-    F.conv2d's up to float64 rounding."""
+    """Forward, input gradient and weight gradient by Winograd (bias gradient by a sum): all
+    equal to F.conv2d's up to float64 rounding."""
     x, weight, b = _conv_args(*shape, bias=bias)
     leaves = [x.requires_grad_(), weight.requires_grad_()] + ([b.requires_grad_()] if bias else [])
     gy = torch.randn(shape[0], shape[2], shape[3], shape[4], dtype=torch.float64,
@@ -215,6 +217,29 @@ def test_autograd_function_equals_conv2d_gradients_in_float64(shape, bias):
     got = torch.autograd.grad(y, leaves, gy)
     for r, g in zip(ref, got):
         torch.testing.assert_close(g, r, rtol=0, atol=1e-11)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 8, 8), (1, 4, 6, 7, 5), (3, 4, 5, 16, 16), (1, 2, 2, 1, 1)])
+@pytest.mark.parametrize("grouped", [True, False])
+def test_weight_gradient_equals_conv2d_weight_in_float64(shape, grouped, monkeypatch):
+    monkeypatch.setattr(wg, "GROUP_MAX", 1 << 30 if grouped else 0)
+    x, weight, _ = _conv_args(*shape, bias=False)
+    gy = torch.randn(shape[0], shape[2], shape[3], shape[4], dtype=torch.float64,
+                     generator=torch.Generator().manual_seed(11))
+    ref = torch.nn.grad.conv2d_weight(x, weight.shape, gy, padding=1)
+    got = wg.winograd_weight_grad(x, gy)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-11 * ref.abs().max().item())
+
+
+def test_weight_gradient_float32_error_is_of_the_direct_ones_order():
+    x, _, _ = _conv_args(8, 128, 128, 16, 16, dtype=torch.float32, seed=4)
+    gy = torch.randn(8, 128, 16, 16, generator=torch.Generator().manual_seed(12))
+    ref = torch.nn.grad.conv2d_weight(x.double(), (128, 128, 3, 3), gy.double(), padding=1)
+    err_direct = (torch.nn.grad.conv2d_weight(x, (128, 128, 3, 3), gy, padding=1).double() - ref).abs().max().item()
+    err_wino = (wg.winograd_weight_grad(x, gy).double() - ref).abs().max().item()
+    assert err_wino < 8 * err_direct, (err_wino, err_direct)  # measured 2.2-4.5x over 6 seeds
+    assert err_wino < 2e-5 * ref.abs().max().item()  # measured 6-9e-6
 
 
 def test_transposed_transform_is_the_input_gradient_kernel():

@@ -19,6 +19,7 @@ Measured on the 2-core AMD EPYC (AVX2, no AVX-512/AMX) this project runs on: cha
 ~1.17x on CIFAR-10 sampling (but slower on 8x8 images, see :func:`wants_channels_last`),
 inductor 1.03-1.09x on top (the 3x3 convolutions are ~82% of the time and already run near the
 FMA peak), and bf16 autocast 7-8x *slower* than fp32 because this CPU has no bf16 instructions.
+Doing fewer multiplications is the remaining lever on such a CPU: :mod:`ddpm.winograd`.
 `make bench` measures them; benchmarks/README.md has the numbers and profiles.
 """
 

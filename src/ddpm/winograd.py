@@ -1,5 +1,5 @@
-"""Winograd F(4x4, 3x3) convolution for CPU inference (Lavin & Gray, "Fast Algorithms for
-Convolutional Neural Networks", CVPR 2016).
+"""Winograd F(4x4, 3x3) convolution on the CPU, for sampling and training (Lavin & Gray, "Fast
+Algorithms for Convolutional Neural Networks", CVPR 2016).
 
 Why: on a CPU without bf16/AMX units the U-Net's 3x3 convolutions are ~80% of a sampling step
 and oneDNN already runs them at ~90-105 GFLOP/s per core, the AVX2 FMA peak. The only way to go
@@ -9,17 +9,20 @@ a 6x6 input tile with 36 multiplications per (input channel, output channel) pai
 plus cheap additions (the input and output transforms).
 
 The arithmetic stays float32 but is not the same sum as a direct convolution: the transforms
-scale values by up to 8 and 1/24, so the rounding error is ~5-10x that of the direct float32
-convolution (measured max |diff| 1e-4 on outputs of size ~10, i.e. ~1e-5 relative; bf16 autocast
-is ~1e-2). tests/test_winograd.py checks it against ``F.conv2d`` in float64.
+scale values by up to 8 and 1/24, so the rounding error of one convolution is 3-5x that of the
+direct float32 one (~7e-6 of the output scale; bf16 autocast is ~1e-2), ~2x on the whole U-Net
+output. tests/test_winograd.py checks it against ``F.conv2d`` in float64; forced onto every
+convolution of a trained digits model it changes test bits/dim by -1.5e-8 +- 4.1e-8 and moves one
+pixel of the 32,000 in 500 samples by one level (benchmarks/winograd_quality.py).
 
-Use :func:`winograd_convs` as a context manager around a loop of network calls (sampling): it
-routes every eligible ``nn.Conv2d`` (3x3, stride 1, padding 1, no dilation or groups, float32 on
-the CPU, at least :data:`MIN_CHANNELS` channels in and out) through :func:`winograd_conv2d`, and
-falls back to the module's own forward for anything else (autograd, autocast, other dtypes or
-devices, calls with too few tiles to pay: :data:`MIN_WORK`). Measured (benchmarks/README.md): 1.23x on a 32x32x128->128
-convolution at batch 64, 1.8-2.0x on the 16x16 and 8x8 ones with 256 channels; 1.38x on the
-whole CIFAR-10 U-Net forward pass.
+Use :func:`winograd_convs` as a context manager around a loop of network calls: it routes every
+eligible ``nn.Conv2d`` (3x3, stride 1, padding 1, no dilation or groups, float32 on the CPU, at
+least :data:`MIN_CHANNELS` channels in and out) through :func:`winograd_conv2d`, and falls back to
+the module's own forward for anything else (autograd unless ``autograd=True``, autocast, other
+dtypes or devices, calls with too few tiles to pay: :data:`MIN_WORK`). Measured on one AVX2 core
+(benchmarks/README.md): 1.1-1.6x on single 128-channel convolutions, 1.6-2.2x on 256-channel
+ones, 2.3-3x on weight gradients; sampling the CIFAR-10 U-Net at batch 64 ~1.3x over the direct
+NHWC path.
 
 Matrices (F(4, 3), interpolation points 0, +-1, +-2, inf), for a 1-D tile d (6), filter g (3),
 output y (4):  y = A^T [(G g) * (B^T d)].  2-D: Y = A^T [(G g G^T) * (B^T d B)] A.
@@ -35,18 +38,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MIN_CHANNELS", "MIN_WORK", "M", "ALPHA", "transform_weight", "winograd_conv2d", "Workspace", "winograd_convs",
-           "is_eligible"]
+__all__ = ["MIN_CHANNELS", "MIN_WORK", "GROUP_MAX", "M", "ALPHA", "transform_weight", "winograd_conv2d",
+           "winograd_weight_grad", "Workspace", "winograd_convs", "is_eligible"]
 
 M = 4  # output tile size
 ALPHA = M + 2  # input tile size (M + r - 1, r = 3)
-# When Winograd pays (benchmarks/README.md, one thread, NHWC, against oneDNN's direct
-# convolution): the transforms are ~150 memory-bound passes with a fixed per-call cost, so the
-# products [tiles, C_in] x [C_in, C_out] must be wide and long enough. Measured speed-ups: C = 64
-# at most 1.14x (32x32, any batch), so below 128 channels it is not used; C = 128 needs >= 32 tiles
-# (1.2x at 64 tiles, 0.6x at 16), C = 256 >= 16 tiles (1.2-1.3x; 0.7x at 4).
+# When Winograd pays (`python benchmarks/winograd_sweep.py`: one thread, NHWC, against oneDNN's
+# direct convolution): the transforms are memory-bound passes with a fixed per-call cost, so the
+# products [tiles, C_in] x [C_in, C_out] must be wide and long enough. C = 64: at most 1.3x, often
+# below 1, so not used. C = 128: 1.1-1.6x from 16 tiles on (0.53x at 4). C = 256: 1.6-2.2x from
+# 16 tiles on (1.0x at 4).
 MIN_CHANNELS = 128
-MIN_WORK = 4096  # tiles (batch * ceil(H/4) * ceil(W/4)) times min(C_in, C_out)
+MIN_WORK = 2048  # tiles (batch * ceil(H/4) * ceil(W/4)) times min(C_in, C_out)
+# Up to this many elements (tiles x channels) per transformed slice, each transform pass covers
+# all tile rows/columns at once; above it, row by row (measured crossover, see winograd_conv2d).
+GROUP_MAX = 1 << 17
 
 _B_T = [[4, 0, -5, 0, 1, 0],
         [0, -4, -4, 1, 1, 0],
@@ -152,6 +158,56 @@ def _at_1d(m: list[torch.Tensor], out: list[torch.Tensor], tmp: list[torch.Tenso
     torch.add(b, e, alpha=8, out=y3).add_(m5)                   # b + 8 e + m5
 
 
+def _transform_input(x: torch.Tensor, ws: Workspace) -> torch.Tensor:
+    """V = B^T d B for every 6x6 input tile (tiles start every 4 pixels; zero padding of 1 plus
+    the remainder). x: [B, C, H, W]. Returns a workspace view [36, B * nh * nw, C]."""
+    bsz, c_in, h, w = x.shape
+    nh, nw = -(-h // M), -(-w // M)
+    hp, wp = nh * M + 2, nw * M + 2
+    xp = ws.get("xp", (bsz, hp, wp, c_in), x)  # zero-padded NHWC copy (the border rewritten each call)
+    xp[:, 0].zero_()
+    xp[:, h + 1:].zero_()
+    xp[:, :, 0].zero_()
+    xp[:, :, w + 1:].zero_()
+    xp[:, 1:h + 1, 1:w + 1].copy_(x.permute(0, 2, 3, 1))
+    rows = ws.get("rows", (ALPHA, bsz, nh, wp, c_in), x)
+    _bt_1d([xp[:, k:k + M * (nh - 1) + 1:M] for k in range(ALPHA)], list(rows), ws.get("tmp", (bsz, nh, wp, c_in), x))
+    v = ws.get("v", (ALPHA, ALPHA, bsz, nh, nw, c_in), x)
+    # Small maps: each pass covers all six tile rows at once (few dispatches); large ones: one
+    # pass per row, whose operands stay in the caches between passes.
+    if bsz * nh * nw * c_in <= GROUP_MAX:
+        _bt_1d([rows[:, :, :, k:k + M * (nw - 1) + 1:M] for k in range(ALPHA)], [v[:, j] for j in range(ALPHA)],
+               ws.get("tmp", (ALPHA, bsz, nh, nw, c_in), x))
+    else:
+        tmp = ws.get("tmp", (bsz, nh, nw, c_in), x)
+        for i in range(ALPHA):
+            _bt_1d([rows[i][:, :, k:k + M * (nw - 1) + 1:M] for k in range(ALPHA)], list(v[i]), tmp)
+    return v.view(ALPHA * ALPHA, bsz * nh * nw, c_in)
+
+
+def _transform_output(prod: torch.Tensor, bsz: int, nh: int, nw: int, ws: Workspace) -> torch.Tensor:
+    """Y = A^T m A for every tile. prod: [36, B * nh * nw, C]. Returns a new NHWC tensor
+    [B, nh * 4, nw * 4, C]."""
+    n_tiles, c_out = prod.shape[1:]
+    prod = prod.view(ALPHA, ALPHA, n_tiles, c_out)
+    half = ws.get("half", (M, ALPHA, n_tiles, c_out), prod)
+    y = torch.empty((bsz, nh, M, nw, M, c_out), dtype=prod.dtype, device=prod.device)
+    y_pq = y.permute(2, 4, 0, 1, 3, 5)  # [p, q, B, nh, nw, C]
+    if n_tiles * c_out <= GROUP_MAX:
+        _at_1d([prod[i] for i in range(ALPHA)], [half[p] for p in range(M)],
+               [ws.get(f"tmp{k}", (ALPHA, n_tiles, c_out), prod) for k in range(4)])
+        _at_1d([half[:, j].view(M, bsz, nh, nw, c_out) for j in range(ALPHA)], [y_pq[:, q] for q in range(M)],
+               [ws.get(f"tmp{k}", (M, bsz, nh, nw, c_out), prod) for k in range(4)])
+    else:
+        tmps = [ws.get(f"tmp{k}", (n_tiles, c_out), prod) for k in range(4)]
+        for j in range(ALPHA):
+            _at_1d([prod[i, j] for i in range(ALPHA)], [half[p, j] for p in range(M)], tmps)
+        tmps = [t.view(bsz, nh, nw, c_out) for t in tmps]
+        for p in range(M):
+            _at_1d([half[p, j].view(bsz, nh, nw, c_out) for j in range(ALPHA)], [y_pq[p, q] for q in range(M)], tmps)
+    return y.view(bsz, nh * M, nw * M, c_out)
+
+
 def winograd_conv2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
                     workspace: Workspace | None = None) -> torch.Tensor:
     """Same as ``F.conv2d(x, weight, bias, stride=1, padding=1)`` up to float rounding.
@@ -159,54 +215,75 @@ def winograd_conv2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
     x: [B, C_in, H, W] float (NHWC strides avoid one copy); u: :func:`transform_weight` of the
     weight, [36, C_in, C_out]; bias: [C_out] or None. Returns [B, C_out, H, W] in NHWC strides
     (channels_last). H and W need not be multiples of 4 (the last tiles are zero-padded).
-    Not differentiable (writes into the workspace): for inference only.
+    Not differentiable (writes into the workspace); :class:`_WinogradFn` is the autograd form.
     """
     ws = workspace if workspace is not None else Workspace()
     bsz, c_in, h, w = x.shape
-    c_out = u.shape[2]
     if u.shape[:2] != (ALPHA * ALPHA, c_in):
         raise ValueError(f"transformed weight {tuple(u.shape)} does not fit an input with {c_in} channels")
     nh, nw = -(-h // M), -(-w // M)
-    hp, wp = nh * M + 2, nw * M + 2
-    n_tiles = bsz * nh * nw
-
-    # Zero-padded NHWC copy of the input: pad 1 on top/left, 1 plus the tile remainder below/right.
-    xp = ws.get("xp", (bsz, hp, wp, c_in), x)
-    xp[:, 0].zero_()
-    xp[:, h + 1:].zero_()
-    xp[:, :, 0].zero_()
-    xp[:, :, w + 1:].zero_()
-    xp[:, 1:h + 1, 1:w + 1].copy_(x.permute(0, 2, 3, 1))
-
-    # Input transform V = B^T d B, rows then columns; tiles start every M pixels.
-    tile_rows = [xp[:, k:k + M * (nh - 1) + 1:M] for k in range(ALPHA)]          # [B, nh, wp, C]
-    rows = ws.get("rows", (ALPHA, bsz, nh, wp, c_in), x)
-    _bt_1d(tile_rows, list(rows), ws.get("tmp_in", (bsz, nh, wp, c_in), x))
-    v = ws.get("v", (ALPHA, ALPHA, bsz, nh, nw, c_in), x)
-    tmp = ws.get("tmp_in", (bsz, nh, nw, c_in), x)
-    for i in range(ALPHA):
-        _bt_1d([rows[i][:, :, k:k + M * (nw - 1) + 1:M] for k in range(ALPHA)], list(v[i]), tmp)
-
+    v = _transform_input(x, ws)
     # 36 independent products over channels: the only O(C_in * C_out) work.
-    prod = ws.get("prod", (ALPHA, ALPHA, n_tiles, c_out), x)
-    torch.bmm(v.view(ALPHA * ALPHA, n_tiles, c_in), u, out=prod.view(ALPHA * ALPHA, n_tiles, c_out))
-
-    # Output transform Y = A^T m A, rows then columns, written straight into the NHWC result.
-    half = ws.get("half", (M, ALPHA, n_tiles, c_out), x)
-    tmps = [ws.get(f"tmp_out{k}", (n_tiles, c_out), x) for k in range(4)]
-    for j in range(ALPHA):
-        _at_1d([prod[i, j] for i in range(ALPHA)], [half[p, j] for p in range(M)], tmps)
-    y = torch.empty((bsz, nh, M, nw, M, c_out), dtype=x.dtype, device=x.device)
-    tmps = [t.view(bsz, nh, nw, c_out) for t in tmps]
-    for p in range(M):
-        _at_1d([half[p, j].view(bsz, nh, nw, c_out) for j in range(ALPHA)], [y[:, :, p, :, q] for q in range(M)],
-               tmps)
-    y = y.view(bsz, nh * M, nw * M, c_out)
+    prod = ws.get("prod", (ALPHA * ALPHA, v.shape[1], u.shape[2]), x)
+    torch.bmm(v, u, out=prod)
+    y = _transform_output(prod, bsz, nh, nw, ws)
     if bias is not None:
         y.add_(bias)
     if nh * M != h or nw * M != w:
         y = y[:, :h, :w].contiguous()
     return y.permute(0, 3, 1, 2)
+
+
+def _a_1d(d: list[torch.Tensor], out: list[torch.Tensor], tmp: list[torch.Tensor]) -> None:
+    """out = A d along one axis (the adjoint of A^T): 4 views in, 6 out, with e = d0 + d2,
+    f = d1 + d3, g = d0 + 4 d2, h = 2 d1 + 8 d3 shared."""
+    d0, d1, d2, d3 = d
+    o0, o1, o2, o3, o4, o5 = out
+    e, f = tmp
+    o0.copy_(d0)
+    o5.copy_(d3)
+    torch.add(d0, d2, out=e)
+    torch.add(d1, d3, out=f)
+    torch.add(e, f, out=o1)                                     # d0 + d1 + d2 + d3
+    torch.sub(e, f, out=o2)                                     # d0 - d1 + d2 - d3
+    torch.add(d0, d2, alpha=4, out=e)
+    torch.mul(d1, 2, out=f).add_(d3, alpha=8)
+    torch.add(e, f, out=o3)                                     # d0 + 2 d1 + 4 d2 + 8 d3
+    torch.sub(e, f, out=o4)                                     # d0 - 2 d1 + 4 d2 - 8 d3
+
+
+def winograd_weight_grad(x: torch.Tensor, grad_out: torch.Tensor,
+                         workspace: Workspace | None = None) -> torch.Tensor:
+    """Gradient of a 3x3, stride-1, padding-1 convolution with respect to its weight:
+    ``torch.nn.grad.conv2d_weight(x, w.shape, grad_out, padding=1)`` up to float rounding.
+
+    The adjoint of the Winograd forward pass: dU = sum over tiles of (B^T d B) * (A dY A^T)
+    (36 products [C_in, tiles] x [tiles, C_out]), then dW = G^T dU G. x: [B, C_in, H, W];
+    grad_out: [B, C_out, H, W]. Returns [C_out, C_in, 3, 3] (contiguous).
+    """
+    ws = workspace if workspace is not None else Workspace()
+    bsz, c_in, h, w = x.shape
+    c_out = grad_out.shape[1]
+    nh, nw = -(-h // M), -(-w // M)
+    v = _transform_input(x, ws)
+    # Output-gradient tiles (4x4, not overlapping), zero-padded to whole tiles, NHWC.
+    gp = ws.get("gp", (bsz, nh * M, nw * M, c_out), grad_out)
+    if nh * M != h or nw * M != w:
+        gp.zero_()
+    gp[:, :h, :w].copy_(grad_out.permute(0, 2, 3, 1))
+    rows = ws.get("grows", (ALPHA, bsz, nh, nw * M, c_out), grad_out)
+    _a_1d([gp[:, p::M] for p in range(M)], list(rows),
+          [ws.get(f"tmp{k}", (bsz, nh, nw * M, c_out), grad_out) for k in range(2)])
+    gt = ws.get("gt", (ALPHA, ALPHA, bsz, nh, nw, c_out), grad_out)
+    tmps = [ws.get(f"tmp{k}", (bsz, nh, nw, c_out), grad_out) for k in range(2)]
+    for i in range(ALPHA):
+        _a_1d([rows[i][:, :, q::M] for q in range(M)], list(gt[i]), tmps)
+    n_tiles = bsz * nh * nw
+    du = torch.bmm(v.transpose(1, 2), gt.view(ALPHA * ALPHA, n_tiles, c_out))  # [36, C_in, C_out]
+    _, g, _ = matrices(du.dtype)
+    kron = torch.kron(g, g).to(du.device)  # [36, 9]
+    dw = kron.t() @ du.view(ALPHA * ALPHA, c_in * c_out)  # [9, C_in * C_out]
+    return dw.view(3, 3, c_in, c_out).permute(3, 2, 0, 1).contiguous()
 
 
 def is_eligible(conv: nn.Module) -> bool:
@@ -219,11 +296,18 @@ def is_eligible(conv: nn.Module) -> bool:
             and conv.out_channels >= MIN_CHANNELS)
 
 
+def weight_format(weight: torch.Tensor) -> torch.memory_format:
+    """The memory format of a conv weight (gradients keep it, as autograd's own do)."""
+    if weight.dim() == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class _WinogradFn(torch.autograd.Function):
-    """Winograd convolution with a backward pass, for training: the input gradient is itself a
+    """Winograd convolution with a backward pass, for training. The input gradient is itself a
     3x3 stride-1 convolution (of the output gradient with the flipped, transposed kernel), so it
-    runs through Winograd too; the weight and bias gradients come from oneDNN's own
-    ``convolution_backward`` (a correlation of the input with the output gradient)."""
+    runs through :func:`winograd_conv2d`; the weight gradient is the adjoint of the Winograd
+    forward pass (:func:`winograd_weight_grad`, 2.3-3x faster than oneDNN's on this CPU)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, u, workspace):
@@ -239,10 +323,10 @@ class _WinogradFn(torch.autograd.Function):
         if need_x:
             u_t = transform_weight(weight, grad_out.dtype, transpose=True)
             grad_x = winograd_conv2d(grad_out, u_t, None, ctx.workspace)
-        if need_w or need_b:
-            _, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                grad_out, x, weight, [weight.shape[0]] if ctx.has_bias else None, [1, 1], [1, 1], [1, 1], False,
-                [0, 0], 1, [False, bool(need_w), bool(need_b)])
+        if need_w:
+            grad_w = winograd_weight_grad(x, grad_out, ctx.workspace).to(memory_format=weight_format(weight))
+        if need_b:
+            grad_b = grad_out.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -295,8 +379,8 @@ class _WinogradForward:
 def winograd_convs(model: nn.Module, enabled: bool = True, autograd: bool = False) -> Iterator[int]:
     """Within the block, every eligible conv of ``model`` (:func:`is_eligible`) runs through
     :func:`winograd_conv2d` whenever the call allows it (CPU, float32, no autocast, enough work);
-    calls that need gradients do so only with ``autograd=True`` (training: the forward and the
-    input gradient by Winograd, the weight gradient by oneDNN). Other calls use the module's own
+    calls that need gradients do so only with ``autograd=True`` (training: the forward pass, the
+    input gradient and the weight gradient all by Winograd). Other calls use the module's own
     forward. Yields the number of convs routed. The module is
     exactly as before on exit (the per-instance ``forward`` is removed, the scratch memory freed).
     Not for concurrent calls of the same model from several threads (one shared workspace).
