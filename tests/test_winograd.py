@@ -70,7 +70,8 @@ def test_equals_conv2d_in_float64(shape, bias, nhwc, grouped, monkeypatch):
     u = wg.transform_weight(weight, torch.float64)
     y = wg.winograd_conv2d(x, u, b)
     ref = F.conv2d(x, weight, b, padding=1)
-    assert y.shape == ref.shape and y.is_contiguous(memory_format=torch.channels_last)
+    assert y.shape == ref.shape
+    assert y.is_contiguous(memory_format=torch.channels_last) if nhwc else y.is_contiguous()
     torch.testing.assert_close(y, ref, rtol=0, atol=1e-11)
 
 
@@ -270,22 +271,42 @@ def test_autograd_routing_only_when_asked_and_nesting_restores():
     assert all("forward" not in c.__dict__ for c in m.modules())
 
 
-def test_trainer_option(tmp_path):
-    """train.winograd (the default) routes the wide convs during training; the result agrees with
-    the direct convolution's up to rounding."""
+def _wide_config(total_steps: int, winograd: bool = True):
     from ddpm.config import Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig
-    from ddpm.train import train
 
     model = ModelConfig(resolution=8, in_channels=1, ch=128, ch_mult=(1, 1), num_res_blocks=1,
                         attn_resolutions=(), dropout=0.0)
+    tc = TrainConfig(total_steps=total_steps, batch_size=8, lr=1e-3, warmup_steps=1, ema_decay=0.9, log_every=0,
+                     sample_every=0, save_every=2, winograd=winograd)
+    return Config(preset="tiny", model=model, diffusion=DiffusionConfig(num_timesteps=20),
+                  data=DataConfig(source="digits", random_flip=False), train=tc)
+
+
+def test_resume_is_exact_with_winograd(tmp_path):
+    """4 steps straight == 2 steps + --resume auto + 2 steps, bit for bit, with the wide convs
+    routed (Winograd keeps no state between steps but its scratch memory)."""
+    from ddpm.api import load_weights
+    from ddpm.train import train
+
+    quiet = dict(device="cpu", progress=False, log=lambda _: None)
+    train(_wide_config(4), tmp_path / "straight", **quiet)
+    train(_wide_config(2), tmp_path / "resumed", **quiet)
+    train(_wide_config(4), tmp_path / "resumed", resume="auto", **quiet)
+    for weights in ("model", "ema"):
+        a = load_weights(tmp_path / "straight", weights=weights)[1]
+        b = load_weights(tmp_path / "resumed", weights=weights)[1]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), weights
+
+
+def test_trainer_option(tmp_path):
+    """train.winograd (the default) routes the wide convs during training; the result agrees with
+    the direct convolution's up to rounding."""
+    from ddpm.api import load_weights
+    from ddpm.config import TrainConfig
+    from ddpm.train import train
 
     def run(winograd: bool, out):
-        tc = TrainConfig(total_steps=3, batch_size=8, lr=1e-3, warmup_steps=1, ema_decay=0.9, log_every=0,
-                         sample_every=0, save_every=0, winograd=winograd)
-        cfg = Config(preset="tiny", model=model, diffusion=DiffusionConfig(num_timesteps=20),
-                     data=DataConfig(source="digits", random_flip=False), train=tc)
-        train(cfg, out, device="cpu", progress=False, log=lambda _: None)
-        from ddpm.api import load_weights
+        train(_wide_config(3, winograd), out, device="cpu", progress=False, log=lambda _: None)
         return load_weights(out, weights="model")[1]
 
     direct, wino = run(False, tmp_path / "d"), run(True, tmp_path / "w")
@@ -300,8 +321,8 @@ def test_trainer_option(tmp_path):
 
 
 def test_cli_conv_option(tmp_path, capsys):
-    """`ddpm sample --conv` reaches the sampler; a contradictory --compile is one line, exit 2,
-    before anything is loaded or written."""
+    """`ddpm sample --conv winograd --compile` contradict each other: one line, exit 2, before
+    anything is loaded or written."""
     from ddpm.cli import main
 
     out = tmp_path / "s.npz"

@@ -212,9 +212,9 @@ def winograd_conv2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
                     workspace: Workspace | None = None) -> torch.Tensor:
     """Same as ``F.conv2d(x, weight, bias, stride=1, padding=1)`` up to float rounding.
 
-    x: [B, C_in, H, W] float (NHWC strides avoid one copy); u: :func:`transform_weight` of the
-    weight, [36, C_in, C_out]; bias: [C_out] or None. Returns [B, C_out, H, W] in NHWC strides
-    (channels_last). H and W need not be multiples of 4 (the last tiles are zero-padded).
+    x: [B, C_in, H, W] float (NHWC strides save two copies); u: :func:`transform_weight` of the
+    weight, [36, C_in, C_out]; bias: [C_out] or None. Returns [B, C_out, H, W], channels_last if
+    x is, else contiguous. H and W need not be multiples of 4 (the last tiles are zero-padded).
     Not differentiable (writes into the workspace); :class:`_WinogradFn` is the autograd form.
     """
     ws = workspace if workspace is not None else Workspace()
@@ -231,7 +231,12 @@ def winograd_conv2d(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
         y.add_(bias)
     if nh * M != h or nw * M != w:
         y = y[:, :h, :w].contiguous()
-    return y.permute(0, 3, 1, 2)
+    y = y.permute(0, 3, 1, 2)
+    # Same memory format as the input, like F.conv2d: layout-dependent ops downstream (dropout
+    # draws its mask in memory order) then see exactly what the direct convolution gives them.
+    if not x.is_contiguous(memory_format=torch.channels_last):
+        y = y.contiguous()
+    return y
 
 
 def _a_1d(d: list[torch.Tensor], out: list[torch.Tensor], tmp: list[torch.Tensor]) -> None:
