@@ -82,7 +82,7 @@ def bench_train(args, device: torch.device) -> list[Row]:
     variants = [OursOptions(), OursOptions(channels_last=True)]
     if cuda:
         variants.append(OursOptions(channels_last=True, precision="bf16"))
-    if not cuda:  # train.winograd (forward and input gradient by Winograd F(4x4, 3x3))
+    if not cuda:  # train.winograd: forward, input and weight gradients by Winograd F(4x4, 3x3)
         variants.append(OursOptions(channels_last=True, winograd=True))
     if args.fused_adam and not cuda:
         variants.append(OursOptions(channels_last=True, fused_adam=True))

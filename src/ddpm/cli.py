@@ -121,9 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the network through torch.compile (pays off for long runs and on GPUs)")
     s.add_argument("--cuda-graph", action="store_true", help="on CUDA, replay each step from a CUDA graph")
     s.add_argument("--conv", default="auto", choices=("auto", "winograd", "direct"),
-                   help="3x3 convolutions with >= 128 channels on the CPU: winograd = Winograd F(4x4,3x3) in "
-                        "float32 (~1.3x faster for the CIFAR-10 U-Net at batch 64, rounding ~2x the direct one's), direct "
-                        "= oneDNN; auto = winograd for eager float32 CPU runs")
+                   help="3x3 convolutions with >= 128 channels on the CPU: winograd = Winograd F(4x4,3x3) "
+                        "in float32 (~1.3x faster for the CIFAR-10 U-Net at batch 64, rounding ~2x the direct "
+                        "one's), direct = oneDNN; auto = winograd for eager float32 CPU runs")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("eval", help="bits/dim, rate-distortion, FID/IS/KID, digits quality", formatter_class=_FMT)

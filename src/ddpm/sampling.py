@@ -26,8 +26,8 @@ import torch
 from .diffusion import GaussianDiffusion, StepCoefs, call_model
 from .errors import ConfigError, suggest
 from .fast import FastModel, channels_last as _channels_last_weights, lowp_weights
-from .winograd import winograd_convs
 from .rng import ImageNoise
+from .winograd import winograd_convs
 
 SAMPLERS = ("ancestral", "ddim")
 SPACINGS = ("trailing", "leading", "linspace")
@@ -305,8 +305,9 @@ def sample(diffusion: GaussianDiffusion, model: Callable, shape: Sequence[int], 
         cuda_graph: on CUDA, replay the network from a CUDA graph (ignored elsewhere).
         winograd: run the 3x3 convolutions with >= 128 channels as Winograd F(4x4, 3x3)
             (:mod:`ddpm.winograd`; float32, ~1.3x faster than oneDNN's direct convolution for
-            the CIFAR-10 U-Net at batch 64, rounding error ~2x the direct one's). None = on for eager float32 runs on
-            the CPU (not with ``compile`` or ``amp_dtype``); False = oneDNN's direct convolution.
+            the CIFAR-10 U-Net at batch 64, rounding error ~2x the direct one's). None = on for
+            eager float32 runs on the CPU (not with ``compile`` or ``amp_dtype``); False =
+            oneDNN's direct convolution.
 
     Returns: float32 CPU tensor [N, C, H, W]; in [-1, 1] when clip_denoised (the final sample is
         the clipped x0 prediction).

@@ -301,7 +301,7 @@ def is_eligible(conv: nn.Module) -> bool:
             and conv.out_channels >= MIN_CHANNELS)
 
 
-def weight_format(weight: torch.Tensor) -> torch.memory_format:
+def _weight_format(weight: torch.Tensor) -> torch.memory_format:
     """The memory format of a conv weight (gradients keep it, as autograd's own do)."""
     if weight.dim() == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
@@ -329,7 +329,7 @@ class _WinogradFn(torch.autograd.Function):
             u_t = transform_weight(weight, grad_out.dtype, transpose=True)
             grad_x = winograd_conv2d(grad_out, u_t, None, ctx.workspace)
         if need_w:
-            grad_w = winograd_weight_grad(x, grad_out, ctx.workspace).to(memory_format=weight_format(weight))
+            grad_w = winograd_weight_grad(x, grad_out, ctx.workspace).to(memory_format=_weight_format(weight))
         if need_b:
             grad_b = grad_out.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None
@@ -386,9 +386,9 @@ def winograd_convs(model: nn.Module, enabled: bool = True, autograd: bool = Fals
     :func:`winograd_conv2d` whenever the call allows it (CPU, float32, no autocast, enough work);
     calls that need gradients do so only with ``autograd=True`` (training: the forward pass, the
     input gradient and the weight gradient all by Winograd). Other calls use the module's own
-    forward. Yields the number of convs routed. The module is
-    exactly as before on exit (the per-instance ``forward`` is removed, the scratch memory freed).
-    Not for concurrent calls of the same model from several threads (one shared workspace).
+    forward. Yields the number of convs routed. On exit the module is exactly as before (the
+    per-instance ``forward`` is removed, or an enclosing block's restored) and the scratch memory
+    is freed. Not for concurrent calls of the same model from several threads (one workspace).
     """
     convs = [m for m in model.modules() if is_eligible(m)] if enabled and isinstance(model, nn.Module) else []
     workspace = Workspace()

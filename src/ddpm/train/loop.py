@@ -35,6 +35,7 @@ from .. import __version__
 from ..checkpoint import add_prefix, load_checkpoint, save_checkpoint, split_prefix
 from ..config import Config
 from ..errors import CheckpointError, ConfigError, UserError
+from ..winograd import winograd_convs
 from . import distributed as D
 from .ema import EMA
 from .observe import MetricsWriter, Progress, Window, batch_stats, write_sample_grid
@@ -42,7 +43,6 @@ from .optim import grad_norm_and_clip, load_optimizer_tensors, make_optimizer, o
 from .precision import resolve_precision
 from .state import (RunFolder, check_resume_compatible, check_train_meta, find_resume_checkpoint, refuse_overwrite,
                     step_of)
-from ..winograd import winograd_convs
 from .tsampler import make_t_sampler
 
 # Stream identifiers mixed into the per-step seeds (any fixed distinct numbers).
