@@ -15,3 +15,14 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test (restored after). Small networks gain nothing from a second
+    OpenMP thread and lose 10-20x when other processes share the 2 cores (barrier waits).
+    Test modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -26,12 +26,7 @@ TINY = ["model.ch=32", "model.ch_mult=1,2", "model.num_res_blocks=1", "model.att
         "model.dropout=0", "diffusion.num_timesteps=20"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

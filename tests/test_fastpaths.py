@@ -21,14 +21,7 @@ SEEDS = [3, 1, 4]
 CUDA = torch.cuda.is_available()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny networks: one thread avoids OpenMP barrier waits when other processes share the cores
-    (with 2 threads on a busy 2-core machine these tests ran 10-20x slower)."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _diffusion(t: int = T) -> GaussianDiffusion:

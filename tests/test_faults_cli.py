@@ -33,14 +33,7 @@ def _tiny_cfg():
     return apply_overrides(get_preset("digits"), TINY)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """In-process commands that get as far as training or sampling: one thread is far faster on a
-    shared 2-core machine than two."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

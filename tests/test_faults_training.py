@@ -39,12 +39,7 @@ def _cfg(*extra: str):
     return apply_overrides(get_preset("digits"), TINY + list(extra))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(cfg, out: Path, resume=None):

@@ -41,14 +41,7 @@ SMALL_256_CONFIG = dict(CIFAR_CONFIG, sample_size=64, block_out_channels=[32, 32
 TIMESTEPS = [0, 1, 250, 999]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small convs on 2 OpenMP threads crawl when other processes share the cores (measured: a 64x64
-    forward 0.4 s CPU on 1 thread vs 10 s on 2 under load 4); these tests need no parallelism."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

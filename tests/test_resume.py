@@ -13,12 +13,7 @@ from ddpm.checkpoint import list_checkpoints, load_checkpoint
 from ddpm.config import Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(dropout: float = 0.1, T: int = 20, **train) -> Config:

@@ -22,13 +22,7 @@ TINY_MODEL = ModelConfig(resolution=8, in_channels=1, ch=32, ch_mult=(1, 2), num
                          attn_resolutions=(4,), dropout=0.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from a second thread, and lose a lot when the cores are shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(**train) -> Config:

@@ -16,14 +16,7 @@ from ddpm.errors import ConfigError
 from ddpm.nets.unet import AttnBlock, Downsample, UNet, Upsample, timestep_embedding
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small convs on 2 OpenMP threads crawl when other processes share the cores (measured: a 64x64
-    forward 0.4 s CPU on 1 thread vs 10 s on 2 under load 4); these tests need no parallelism."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _n_params(model: torch.nn.Module) -> int:

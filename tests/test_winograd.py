@@ -16,12 +16,7 @@ from ddpm.sampling import SamplingOptionError, sample
 from ddpm.schedule import get_beta_schedule
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _conv_args(b, c_in, c_out, h, w, dtype=torch.float64, seed=0, bias=True):
