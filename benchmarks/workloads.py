@@ -118,7 +118,7 @@ class OursTrainStep:
         self.last_loss: torch.Tensor | None = None
 
     def __call__(self) -> None:
-        from ddpm.train.optim import grad_norm_and_clip, set_lr
+        from ddpm.train.optim import apply_update, grad_norm_and_clip, set_lr
 
         tc, prec, B = self.tc, self.precision, self.x0.shape[0]
         set_lr(self.optimizer, tc.lr)  # the trainer sets the warmed-up LR before every step
@@ -137,12 +137,9 @@ class OursTrainStep:
             prec.scaler.unscale_(self.optimizer)
         norm = grad_norm_and_clip(self.params, tc.grad_clip)
         host = torch.stack([loss.detach().double(), norm.detach().double()]).cpu()  # the trainer's one sync
-        if torch.isfinite(host).all():
-            if prec.scaler is not None:
-                prec.scaler.step(self.optimizer)
-                prec.scaler.update()
-            else:
-                self.optimizer.step()
+        finite = bool(torch.isfinite(host).all())
+        apply_update(self.optimizer, prec.scaler, finite)
+        if finite:
             self.ema.update(self.model)
         self.last_loss = host[0]
         self.step += 1

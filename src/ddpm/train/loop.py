@@ -39,7 +39,8 @@ from ..winograd import winograd_convs
 from . import distributed as D
 from .ema import EMA
 from .observe import MetricsWriter, Progress, Window, batch_stats, write_sample_grid
-from .optim import grad_norm_and_clip, load_optimizer_tensors, make_optimizer, optimizer_tensors, set_lr, warmup_lr
+from .optim import (apply_update, grad_norm_and_clip, load_optimizer_tensors, make_optimizer, optimizer_tensors,
+                    set_lr, warmup_lr)
 from .precision import resolve_precision
 from .state import (RunFolder, check_resume_compatible, check_train_meta, find_resume_checkpoint, refuse_overwrite,
                     step_of)
@@ -347,19 +348,13 @@ class _Trainer:
         host = torch.cat([stats, norm.detach().double().reshape(1)]).cpu()
         grad_norm = float(host[-1])
         finite = math.isfinite(float(host[0])) and math.isfinite(grad_norm)
+        apply_update(self.optimizer, prec.scaler, finite)
         if finite:
-            if prec.scaler is not None:
-                prec.scaler.step(self.optimizer)
-                prec.scaler.update()
-            else:
-                self.optimizer.step()
             self.ema.update(self.model)
             if cfg.train.t_sampler == "importance":
                 losses_all = D.all_gather_tensor(env, torch.cat(local_losses)).cpu()
                 self.t_sampler.update(t_all, losses_all)
         else:
-            if prec.scaler is not None:
-                prec.scaler.update()  # lowers the loss scale after an overflow
             self.optimizer.zero_grad(set_to_none=True)
         return finite, host[:-1], grad_norm
 

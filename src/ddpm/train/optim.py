@@ -64,6 +64,19 @@ _PER_PARAM_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 _HYPER_KEYS = ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")
 
 
+def apply_update(optimizer: torch.optim.Optimizer, scaler, finite: bool) -> None:
+    """The optimiser step after backward and clipping, as the trainer takes it: skipped when the
+    loss or gradient norm is not finite; with a ``GradScaler`` (fp16) the step goes through it
+    and the scale is updated either way (lowered after an overflow)."""
+    if finite:
+        if scaler is not None:
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
+    if scaler is not None:
+        scaler.update()
+
+
 def optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str]) -> tuple[dict[str, torch.Tensor], dict]:
     """Flatten the optimiser state: ``{"<name>/exp_avg": t, ...}`` plus JSON ``param_groups``.
 
