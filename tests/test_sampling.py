@@ -12,8 +12,9 @@ import torch
 from ddpm import sample as top_level_sample
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.rng import ImageNoise
-from ddpm.sampling import (Stepper, TimestepMapModel, _run_chain, _t_rows, interpolate, respace, sample,
-                           sample_chains, sample_progressive, space_timesteps)
+from ddpm.samplers import get as get_sampler
+from ddpm.samplers.base import Chain, Denoiser
+from ddpm.sampling import interpolate, respace, sample, sample_chains, sample_progressive, space_timesteps
 from ddpm.schedule import get_beta_schedule
 
 T = 50
@@ -142,10 +143,12 @@ def test_respace_keeps_marginals_and_maps_timesteps():
     assert tmap == use and spaced.num_timesteps == 8 and spaced.var_type == "fixedsmall"
     np.testing.assert_allclose(spaced.alphas_cumprod, d.alphas_cumprod[use], rtol=1e-12)
     assert spaced.alphas_cumprod_prev[0] == 1.0
+    # the network sees the original index s_k at chain step k
     seen = []
-    wrapped = TimestepMapModel(lambda x, t: seen.append(t.clone()) or x, tmap)
-    wrapped(torch.zeros(3, 1, 1, 1), torch.tensor([0, 3, 7]))
-    assert seen[0].tolist() == [use[0], use[3], use[7]]
+    denoise = Denoiser(lambda x, t: seen.append(t.clone()) or x, Chain(d, tuple(tmap), torch.device("cpu")), 3)
+    for k in (0, 3, 7):
+        denoise(torch.zeros(3, 1, 1, 1), k)
+    assert [t.tolist() for t in seen] == [[use[k]] * 3 for k in (0, 3, 7)]
 
 
 def test_space_timesteps_formulas():
@@ -182,8 +185,8 @@ def _noise_list(n, shape, seed):
 
 def test_ddim_eta1_step_is_the_ancestral_fixedsmall_step():
     d = make(var_type="fixedsmall")
-    anc = Stepper(d, "cpu", "ancestral", clip_denoised=False, dtype=torch.float64)
-    ddim = Stepper(d, "cpu", "ddim", eta=1.0, clip_denoised=False, dtype=torch.float64)
+    anc = stepper(d, "ancestral", clip_denoised=False, dtype=torch.float64)
+    ddim = stepper(d, "ddim", eta=1.0, clip_denoised=False, dtype=torch.float64)
     x, z = _noise_list(2, (3, 2, 4, 4), 0)
     for k in (0, 1, 2, 25, 49):
         out = Toy()(x, torch.full((3,), k))
@@ -199,6 +202,12 @@ def test_ddim_eta1_step_is_the_ancestral_fixedsmall_step():
     # with clipping on they agree as well (eps is recomputed from the clipped x0)
     torch.testing.assert_close(sample(d, Toy(), (1, 4, 4), [3, 4], sampler="ddim", eta=1.0),
                                sample(d, Toy(), (1, 4, 4), [3, 4]), rtol=0, atol=1e-5)
+
+
+def stepper(d, name, eta=0.0, clip_denoised=True, dtype=torch.float32, timesteps=None):
+    """The registered sampler ``name`` on the chain of ``d`` (every step unless ``timesteps``)."""
+    kept = tuple(range(d.num_timesteps)) if timesteps is None else tuple(timesteps)
+    return get_sampler(name)(Chain(d, kept, torch.device("cpu"), clip_denoised, eta, dtype))
 
 
 class _ListNoise:
@@ -226,11 +235,11 @@ def _ddim_reference(abar_kept, x, model, tmap, clip):
 def test_ddim_eta0_is_deterministic_and_matches_eq12(clip):
     d = make()
     use = space_timesteps(T, 9, "trailing")
-    spaced, tmap = respace(d, use)
-    st = Stepper(spaced, "cpu", "ddim", eta=0.0, clip_denoised=clip, dtype=torch.float64)
+    _, tmap = respace(d, use)
+    st = stepper(d, "ddim", eta=0.0, clip_denoised=clip, dtype=torch.float64, timesteps=use)
     x_T = _noise_list(1, (2, 1, 4, 4), 1)[0] * 1.5
-    runs = [_run_chain(st, Toy(), x_T, _ListNoise(_noise_list(9, (2, 1, 4, 4), seed)), _t_rows(tmap, 2, "cpu"),
-                       8, None) for seed in (10, 11)]
+    runs = [st.run(Denoiser(Toy(), st.chain, 2), x_T, _ListNoise(_noise_list(9, (2, 1, 4, 4), seed)))
+            for seed in (10, 11)]
     assert torch.equal(runs[0], runs[1])  # the per-step noise is ignored
     ref = _ddim_reference(d.alphas_cumprod[use], x_T, Toy(), tmap, clip)
     torch.testing.assert_close(runs[0], ref, rtol=1e-10, atol=1e-12)
@@ -243,7 +252,7 @@ def test_stepper_runs_the_p_mean_variance_arithmetic():
                            ("learned_range", "hybrid")]:
         for mean_type in ("eps", "xstart", "xprev"):
             d = make(var_type=var_type, loss_type=loss, mean_type=mean_type)
-            st = Stepper(d, "cpu", "ancestral")
+            st = stepper(d, "ancestral")
             for k in (0, 1, 30, 49):
                 t = torch.full((4,), k)
                 out = Toy(d.model_output_channels(1))(x, t)

@@ -16,7 +16,9 @@ import torch
 
 from ddpm.diffusion import GaussianDiffusion
 from ddpm.rng import ImageNoise
-from ddpm.sampling import Stepper, respace, sample, space_timesteps
+from ddpm.samplers import get as get_sampler
+from ddpm.samplers.base import Chain
+from ddpm.sampling import respace, sample, space_timesteps
 from ddpm.schedule import get_beta_schedule
 
 diffusers = pytest.importorskip("diffusers")
@@ -45,6 +47,12 @@ def inputs(t: int, diffusion: GaussianDiffusion):
     return xt, eps
 
 
+def stepper(d, name, eta=0.0, timesteps=None):
+    """The registered sampler ``name`` (clipping x0, float32) on d's chain: every step unless ``timesteps``."""
+    kept = tuple(range(d.num_timesteps)) if timesteps is None else tuple(timesteps)
+    return get_sampler(name)(Chain(d, kept, torch.device("cpu"), clip_denoised=True, eta=eta))
+
+
 def diffusers_noise(seed: int) -> torch.Tensor:
     # DDPMScheduler.step draws randn_tensor(shape, generator=g) = torch.randn(shape, generator=g) on CPU
     return torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed))
@@ -56,7 +64,7 @@ def small():
 
 
 def test_ddpm_step_matches_diffusers_fixed_small(small):
-    ours = Stepper(small, "cpu", "ancestral", clip_denoised=True)
+    ours = stepper(small, "ancestral")
     sched = ddpm_scheduler("fixed_small", small)
     stock = ddpm_scheduler("fixed_small")
     for t in TS:
@@ -93,7 +101,7 @@ def test_fixed_large_differs_from_diffusers_only_at_index_0():
     assert float(ddpm_scheduler("fixed_small", large)._get_variance(0)) == pytest.approx(1e-20)
     assert math.exp(large.posterior_log_variance_clipped[0]) == pytest.approx(5.4531877e-5, rel=1e-7)
     # neither difference changes a sample: no noise is added at index 0
-    ours = Stepper(large, "cpu", "ancestral", clip_denoised=True)
+    ours = stepper(large, "ancestral")
     for t in TS:
         xt, eps = inputs(t, large)
         ref = sched.step(eps, t, xt, generator=torch.Generator().manual_seed(t)).prev_sample
@@ -103,8 +111,8 @@ def test_fixed_large_differs_from_diffusers_only_at_index_0():
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 def test_ddim_step_matches_diffusers(eta):
     d = GaussianDiffusion(get_beta_schedule("linear", T))
-    spaced, tmap = respace(d, space_timesteps(T, 50, "trailing"))
-    ours = Stepper(spaced, "cpu", "ddim", eta=eta, clip_denoised=True)
+    _, tmap = respace(d, space_timesteps(T, 50, "trailing"))
+    ours = stepper(d, "ddim", eta=eta, timesteps=tmap)
     s = diffusers.DDIMScheduler(num_train_timesteps=T, beta_schedule="linear", clip_sample=True,
                                 set_alpha_to_one=True, timestep_spacing="trailing", prediction_type="epsilon")
     s.alphas_cumprod = torch.tensor(d.alphas_cumprod)

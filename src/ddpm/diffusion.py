@@ -1,5 +1,5 @@
 """The Gaussian diffusion of Ho et al. (2020): forward process, posterior, reverse-process
-mean/variance, training losses and the bits/dim bound (spec sections 1, 3-5).
+mean/variance, training losses and the bits/dim bound (paper sections 2-3, Eq. 1-15).
 
 Conventions (docs/ARCHITECTURE.md): ``t`` is an int64 tensor [B] of 0-based indices (index i is
 the paper's t = i + 1); schedule buffers are float64 numpy arrays, gathered at ``t`` in float64
@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from enum import Enum
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from . import likelihood
 from .errors import ConfigError, suggest
 from .likelihood import LN2, discretized_gaussian_log_likelihood, meanflat, normal_kl
+from .rng import ImageNoise
 
 if TYPE_CHECKING:  # pragma: no cover
     from .config import DiffusionConfig
@@ -84,17 +84,22 @@ def check_options(mean_type, var_type, loss_type) -> tuple[MeanType, VarType, Lo
     return mean_type, var_type, loss_type
 
 
-def call_model(model: Callable, x: torch.Tensor, t: torch.Tensor, amp_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``model(x, t)``, under ``torch.autocast(amp_dtype)`` when given; the output is cast to x's dtype.
+def call_model(model: Callable, x: torch.Tensor, t: torch.Tensor, amp_dtype: torch.dtype | None = None,
+               model_kwargs: Mapping[str, Any] | None = None) -> torch.Tensor:
+    """``model(x, t, **model_kwargs)``, under ``torch.autocast(amp_dtype)`` when given; the output
+    is cast to x's dtype.
 
     The single place the network is called from the math, so that mixed precision touches only
-    the network and never the diffusion arithmetic.
+    the network and never the diffusion arithmetic. ``model_kwargs`` is the conditioning hook
+    (improved-diffusion's ``model_kwargs``): per-example tensors with a leading batch dim, such as
+    class labels ``{"y": int64 [B]}``; every loss, bound and sampler passes it through unchanged.
     """
+    kw = model_kwargs or {}
     if amp_dtype is None:
-        out = model(x, t)
+        out = model(x, t, **kw)
     else:
         with torch.autocast(device_type=x.device.type, dtype=amp_dtype):
-            out = model(x, t)
+            out = model(x, t, **kw)
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
@@ -240,6 +245,11 @@ class GaussianDiffusion:
         out = buf[t.to(buf.device)].to(device=x.device, dtype=x.dtype)
         return out.reshape(t.shape[0], *([1] * (x.ndim - 1)))
 
+    @property
+    def coef_arrays(self) -> dict[str, np.ndarray]:
+        """The float64 [T] arrays behind :class:`StepCoefs`, by field name (read-only use)."""
+        return self._coef_arrays
+
     def _coefs_at(self, t: torch.Tensor, x: torch.Tensor) -> StepCoefs:
         return StepCoefs(**{n: self._extract("_c_" + n, t, x, self._coef_arrays[n]) for n in StepCoefs.names()})
 
@@ -282,7 +292,7 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------------------------------
     # Reverse process p_theta(x_{t-1} | x_t)
-    def _check_output(self, out: torch.Tensor, x: torch.Tensor) -> None:
+    def check_output(self, out: torch.Tensor, x: torch.Tensor) -> None:
         C = x.shape[1]
         want = self.model_output_channels(C)
         if out.ndim != x.ndim or out.shape[0] != x.shape[0] or out.shape[1] != want or out.shape[2:] != x.shape[2:]:
@@ -325,34 +335,31 @@ class GaussianDiffusion:
         return mean, var, log_var, pred_xstart
 
     def p_mean_variance(self, model: Callable | None, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
-                        model_output: torch.Tensor | None = None, amp_dtype: torch.dtype | None = None) -> dict:
+                        model_output: torch.Tensor | None = None, amp_dtype: torch.dtype | None = None,
+                        model_kwargs: Mapping[str, Any] | None = None) -> dict:
         """Mean and variance of p_theta(x_{t-1} | x_t) (spec 4.1-4.2).
 
         Args:
             xt: [B, C, H, W]; t: int64 [B] (0-based).
             clip_denoised: clamp the x0 prediction to [-1, 1] before forming the mean (official default).
             model_output: a precomputed ``model(xt, t)`` (then ``model`` is not called).
+            model_kwargs: conditioning passed to the model (see :func:`call_model`).
 
         Returns: dict ``mean``, ``variance``, ``log_variance``, ``pred_xstart``, each like xt.
             For fixedlarge, ``variance`` is exp(``log_variance``) = [beta~_2, beta_2, ..., beta_T]
             (improved-diffusion); the TF code would report the raw beta_1 at index 0 instead.
         """
         self._check_t(t, xt)
-        out = call_model(model, xt, t, amp_dtype) if model_output is None else model_output
-        self._check_output(out, xt)
+        out = call_model(model, xt, t, amp_dtype, model_kwargs) if model_output is None else model_output
+        self.check_output(out, xt)
         mean, var, log_var, pred_xstart = self.mean_variance_from_output(out, xt, self._coefs_at(t, xt), clip_denoised)
         return {"mean": mean, "variance": var, "log_variance": log_var, "pred_xstart": pred_xstart}
-
-    def predict_eps_from_xstart(self, xt: torch.Tensor, t: torch.Tensor, pred_xstart: torch.Tensor) -> torch.Tensor:
-        """eps = (x_t / sqrt(abar) - x0) / sqrt(1/abar - 1), the inverse of paper Eq. 15."""
-        return ((self._extract("sqrt_recip_alphas_cumprod", t, xt) * xt - pred_xstart)
-                / self._extract("sqrt_recipm1_alphas_cumprod", t, xt))
 
     # ------------------------------------------------------------------------------------------
     # Variational bound (spec section 5)
     def vb_terms_bpd(self, model: Callable | None, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
                      clip_denoised: bool = True, model_output: torch.Tensor | None = None,
-                     amp_dtype: torch.dtype | None = None) -> dict:
+                     amp_dtype: torch.dtype | None = None, model_kwargs: Mapping[str, Any] | None = None) -> dict:
         """The VLB term at t in bits/dim (spec 5.2): the decoder NLL -log p(x0 | x1) where t == 0
         (paper Eq. 13), else KL(q(x_{t-1} | x_t, x0) || p_theta(x_{t-1} | x_t)).
 
@@ -360,7 +367,7 @@ class GaussianDiffusion:
         """
         true_mean, _, true_log_var = self.q_posterior_mean_variance(x0, xt, t)
         out = self.p_mean_variance(model, xt, t, clip_denoised=clip_denoised, model_output=model_output,
-                                   amp_dtype=amp_dtype)
+                                   amp_dtype=amp_dtype, model_kwargs=model_kwargs)
         kl = meanflat(normal_kl(true_mean, true_log_var, out["mean"], out["log_variance"])) / LN2
         nll = -meanflat(discretized_gaussian_log_likelihood(x0, out["mean"], 0.5 * out["log_variance"])) / LN2
         return {"output": torch.where(t == 0, nll, kl), "pred_xstart": out["pred_xstart"]}
@@ -371,19 +378,58 @@ class GaussianDiffusion:
         mean, _, log_var = self.q_mean_variance(x0, t)
         return meanflat(normal_kl(mean, log_var, 0.0, 0.0)) / LN2
 
+    @torch.inference_mode()
     def calc_bpd_loop(self, model: Callable, x0: torch.Tensor, clip_denoised: bool = True,
                       seeds: Sequence[int] | None = None, progress: bool = False,
-                      amp_dtype: torch.dtype | None = None) -> dict:
-        """The full bound in bits/dim, T network calls per image: see :func:`ddpm.likelihood.calc_bpd_loop`.
+                      amp_dtype: torch.dtype | None = None, model_kwargs: Mapping[str, Any] | None = None) -> dict:
+        """The full variational bound in bits/dim (paper Eq. 5), one Monte Carlo x_t per timestep.
 
-        Returns: dict ``total_bpd`` [B], ``prior_bpd`` [B], ``terms_bpd`` [B, T], ``mse`` [B, T].
+        Loops i = T-1 .. 0; at each i draws FRESH noise, x_t = q_sample(x0, i), and evaluates the
+        VLB term (the decoder NLL at i = 0, the KL L_i otherwise) and the MSE of the (clipped) x0
+        prediction on the [-1, 1] scale. That is T network evaluations per image.
+
+        Args:
+            x0: data [B, C, H, W] on the 256-level grid in [-1, 1].
+            seeds: optional, one int per image; image k's noise is then the stream
+                ``ImageNoise(seeds, x0.shape[1:], device)`` in loop order, so its result does not
+                depend on which other images share the batch. Without seeds, noise comes from
+                torch's global RNG.
+            model_kwargs: conditioning for the model (e.g. ``{"y": labels [B]}``: class-conditional bits/dim).
+
+        Returns: dict with ``total_bpd`` [B] (= sum of terms + prior), ``prior_bpd`` [B] (L_T),
+            ``terms_bpd`` [B, T] (column i is the term at 0-based index i), ``mse`` [B, T];
+            float32 (float64 if x0 is float64), on x0's device.
         """
-        return likelihood.calc_bpd_loop(self, model, x0, clip_denoised=clip_denoised, seeds=seeds,
-                                        progress=progress, amp_dtype=amp_dtype)
+        B, T = x0.shape[0], self.num_timesteps
+        noise_src = None
+        if seeds is not None:
+            if len(seeds) != B:
+                raise ValueError(f"calc_bpd_loop: got {len(seeds)} seeds for a batch of {B} images; "
+                                 f"expected one per image")
+            noise_src = ImageNoise(seeds, x0.shape[1:], x0.device, x0.dtype)
+        terms = torch.zeros(B, T, dtype=x0.dtype, device=x0.device)
+        mse = torch.zeros(B, T, dtype=x0.dtype, device=x0.device)
+        steps = range(T - 1, -1, -1)
+        if progress:
+            from tqdm.auto import tqdm
+            steps = tqdm(steps, desc="bpd", total=T)
+        for i in steps:
+            t = torch.full((B,), i, dtype=torch.int64, device=x0.device)
+            noise = noise_src.next() if noise_src is not None else torch.randn_like(x0)
+            xt = self.q_sample(x0, t, noise=noise)
+            out = self.vb_terms_bpd(model, x0, xt, t, clip_denoised=clip_denoised, amp_dtype=amp_dtype,
+                                    model_kwargs=model_kwargs)
+            terms[:, i] = out["output"]
+            mse[:, i] = meanflat((out["pred_xstart"] - x0) ** 2)
+        prior = self.prior_bpd(x0)
+        # Sum the T terms in float64: T float32 additions would lose ~T*eps relative accuracy.
+        total = (terms.double().sum(dim=1) + prior.double()).to(x0.dtype)
+        return {"total_bpd": total, "prior_bpd": prior, "terms_bpd": terms, "mse": mse}
 
     # ------------------------------------------------------------------------------------------
     def training_losses(self, model: Callable, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
-                        amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+                        amp_dtype: torch.dtype | None = None,
+                        model_kwargs: Mapping[str, Any] | None = None) -> torch.Tensor:
         """Per-example training loss [B] at the given t (spec 4.3, Algorithm 1).
 
         - ``mse``: meanflat((target - output)^2), target eps / x0 / mu~ by mean_type; for eps this
@@ -393,14 +439,15 @@ class GaussianDiffusion:
         - ``hybrid``: mse + T/1000 * VLB term, the VLB seeing a stop-gradient mean, so it trains
           only the variance (improved-diffusion's RESCALED_MSE).
 
+        ``model_kwargs``: conditioning passed to the model (see :func:`call_model`).
         Returned in x0's dtype (float32 in training).
         """
         self._check_t(t, x0)
         if noise is None:
             noise = torch.randn_like(x0)
         xt = self.q_sample(x0, t, noise=noise)
-        out = call_model(model, xt, t, amp_dtype)
-        self._check_output(out, x0)
+        out = call_model(model, xt, t, amp_dtype, model_kwargs)
+        self.check_output(out, x0)
         T = self.num_timesteps
         if self.loss_type in (LossType.KL, LossType.RESCALED_KL):
             loss = self.vb_terms_bpd(None, x0, xt, t, clip_denoised=False, model_output=out)["output"]

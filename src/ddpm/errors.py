@@ -26,6 +26,10 @@ class CheckpointError(UserError):
     """A checkpoint that is missing, corrupt, truncated, not ours, or for another config."""
 
 
+class SamplingOptionError(ConfigError, ValueError):
+    """A bad sampling option: unknown sampler or spacing, step count, eta, contradictory speed options."""
+
+
 def suggest(name: str, choices: Iterable[str]) -> str:
     """Return ``" (did you mean 'x'?)"`` for the closest of ``choices``, or ``""``."""
     close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.5)

@@ -1,5 +1,6 @@
 """Likelihood pieces of the variational bound (spec section 5): Gaussian KL, the discretized
-Gaussian decoder L_0 (paper Eq. 13) and the exact bits/dim loop.
+Gaussian decoder L_0 (paper Eq. 13); the bits/dim loop that sums them is
+:meth:`ddpm.diffusion.GaussianDiffusion.calc_bpd_loop`.
 
 All log-likelihoods and KLs here are in nats, elementwise; ``meanflat`` then averages over
 C*H*W and division by ln 2 turns nats/dim into bits/dim.
@@ -8,14 +9,8 @@ C*H*W and division by ln 2 turns nats/dim into bits/dim.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
-
-from .rng import ImageNoise
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .diffusion import GaussianDiffusion
 
 LN2 = math.log(2.0)
 
@@ -73,48 +68,3 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, lo
     log_one_minus_cdf_min = torch.log((1.0 - cdf_min).clamp(min=LOG_CLAMP))
     log_cdf_delta = torch.log((cdf_plus - cdf_min).clamp(min=LOG_CLAMP))
     return torch.where(x < -EDGE, log_cdf_plus, torch.where(x > EDGE, log_one_minus_cdf_min, log_cdf_delta))
-
-
-@torch.inference_mode()
-def calc_bpd_loop(diffusion: "GaussianDiffusion", model: Callable, x0: torch.Tensor, clip_denoised: bool = True,
-                  seeds: Sequence[int] | None = None, progress: bool = False,
-                  amp_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The full variational bound in bits/dim, one Monte Carlo x_t per timestep (spec 5.5).
-
-    Loops i = T-1 .. 0; at each i draws FRESH noise, x_t = q_sample(x0, i), and evaluates the
-    VLB term (the decoder NLL at i = 0, the KL L_i otherwise) and the MSE of the (clipped) x0
-    prediction on the [-1, 1] scale. That is T network evaluations per image.
-
-    Args:
-        x0: data [B, C, H, W] on the 256-level grid in [-1, 1].
-        seeds: optional, one int per image; image k's noise is then the stream
-            ``ImageNoise(seeds, x0.shape[1:], device)`` in loop order, so its result does not depend
-            on which other images share the batch. Without seeds, noise comes from torch's global RNG.
-
-    Returns: dict with ``total_bpd`` [B] (= sum of terms + prior), ``prior_bpd`` [B] (L_T),
-        ``terms_bpd`` [B, T] (column i is the term at 0-based index i), ``mse`` [B, T];
-        float32 (float64 if x0 is float64), on x0's device.
-    """
-    B, T = x0.shape[0], diffusion.num_timesteps
-    noise_src = None
-    if seeds is not None:
-        if len(seeds) != B:
-            raise ValueError(f"calc_bpd_loop: got {len(seeds)} seeds for a batch of {B} images; expected one per image")
-        noise_src = ImageNoise(seeds, x0.shape[1:], x0.device, x0.dtype)
-    terms = torch.zeros(B, T, dtype=x0.dtype, device=x0.device)
-    mse = torch.zeros(B, T, dtype=x0.dtype, device=x0.device)
-    steps = range(T - 1, -1, -1)
-    if progress:
-        from tqdm.auto import tqdm
-        steps = tqdm(steps, desc="bpd", total=T)
-    for i in steps:
-        t = torch.full((B,), i, dtype=torch.int64, device=x0.device)
-        noise = noise_src.next() if noise_src is not None else torch.randn_like(x0)
-        xt = diffusion.q_sample(x0, t, noise=noise)
-        out = diffusion.vb_terms_bpd(model, x0, xt, t, clip_denoised=clip_denoised, amp_dtype=amp_dtype)
-        terms[:, i] = out["output"]
-        mse[:, i] = meanflat((out["pred_xstart"] - x0) ** 2)
-    prior = diffusion.prior_bpd(x0)
-    # Sum the T terms in float64: T float32 additions would lose ~T*eps relative accuracy.
-    total = (terms.double().sum(dim=1) + prior.double()).to(x0.dtype)
-    return {"total_bpd": total, "prior_bpd": prior, "terms_bpd": terms, "mse": mse}

@@ -1,195 +1,39 @@
-"""Sampling: Algorithm 2 as the official code runs it, respaced chains, DDIM, progressive
-x0 predictions (Fig. 6), shared-latent chains (Fig. 7) and interpolation (Fig. 8/9); spec section 6.
+"""Sampling: the public entry points (paper Algorithm 2 and section 4.3-4.4's figures).
+
+- :func:`sample`: one image per seed with any registered sampler (:mod:`ddpm.samplers`:
+  ``ancestral`` = Algorithm 2 as the official code runs it, ``ddim``, ...), on the full chain or
+  a respaced one of ``steps`` network calls, optionally conditional (``model_kwargs``) and
+  guided (``guidance``), from the seeds' own x_T or a given one (``x_T``).
+- :func:`sample_progressive`: the same, recording the x0 prediction every ``every`` steps (Fig. 6).
+- :func:`sample_chains`: chains sharing x_T and their first steps' noise, then split (Fig. 7).
+- :func:`interpolate`: decode a mix of two noised images (section 4.4, Fig. 8/9).
 
 Randomness: image k of a run draws from its own stream ``ImageNoise(seeds[k])``: x_T is the first
-draw, then one draw per reverse step (also at the last step, where the noise is masked, and for
-DDIM with eta = 0, where it is unused), so image k is the same whatever the batch size.
+draw (also when ``x_T`` is given, which then replaces it), then the sampler's step noise, so image
+k is the same whatever the batch size.
 
-Speed: every per-step coefficient is gathered once, before the loop, as float32 tensors on the
-device (float64 -> float32 exactly as the per-batch gather of :class:`GaussianDiffusion` does), and
-the loop makes no host-device synchronisation and no per-image Python work. The network runs
-through :class:`ddpm.fast.FastModel`: by default with channels_last weights and inputs (an
-``nn.Module`` on CPU/CUDA), optionally ``compile``-d with inductor and, on CUDA, replayed from a
-CUDA graph (``cuda_graph``); on the CPU its wide 3x3 convolutions run as Winograd F(4x4, 3x3)
-(``winograd``, :mod:`ddpm.winograd`). These change the results only by float rounding.
+Speed: how the network runs is one :class:`ddpm.speed.Speed` (channels_last, compile, CUDA
+graphs, Winograd); every coefficient is gathered before the loop, and the loop makes no
+host-device synchronisation and no per-image Python work.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from .diffusion import GaussianDiffusion, StepCoefs, call_model
-from .errors import ConfigError, suggest
-from .fast import FastModel, channels_last as _channels_last_weights, lowp_weights
+from . import samplers
+from .diffusion import GaussianDiffusion
+from .errors import SamplingOptionError
+from .respacing import check_spacing, respace, space_timesteps
 from .rng import ImageNoise
-from .winograd import winograd_convs
+from .samplers.base import Chain, Denoiser
+from .speed import Speed, fast_network
 
-SAMPLERS = ("ancestral", "ddim")
-SPACINGS = ("trailing", "leading", "linspace")
-
-
-class SamplingOptionError(ConfigError, ValueError):
-    """A bad sampling option (a ``ValueError`` and a ``ConfigError``)."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Respacing (improved-diffusion's SpacedDiffusion; diffusers' timestep spacings)
-def space_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing") -> list[int]:
-    """The ``steps`` kept 0-based timestep indices out of ``num_timesteps``, ascending.
-
-    ``trailing`` (default): round(T - k T/steps) - 1 for k < steps; always keeps T-1 (diffusers'
-    "trailing"). ``leading``: k * (T // steps), starts at 0. ``linspace``: round(linspace(0, T-1, steps)).
-    """
-    T = int(num_timesteps)
-    if isinstance(steps, bool) or int(steps) != steps or not 1 <= int(steps) <= T:
-        raise SamplingOptionError(f"sampling steps must be an integer in 1..{T}, got {steps!r}")
-    steps = int(steps)
-    if spacing == "trailing":
-        ratio = T / steps
-        kept = np.round(T - np.arange(steps) * ratio).astype(np.int64) - 1
-    elif spacing == "leading":
-        kept = np.arange(steps, dtype=np.int64) * (T // steps)
-    elif spacing == "linspace":
-        kept = np.linspace(0, T - 1, steps).round().astype(np.int64)
-    else:
-        raise SamplingOptionError(f"unknown timestep spacing {spacing!r}; expected one of {', '.join(SPACINGS)}"
-                                  f"{suggest(spacing, SPACINGS)}")
-    out = sorted(set(int(i) for i in kept))
-    if len(out) != steps or out[0] < 0 or out[-1] > T - 1:  # pragma: no cover - guarded by the formulas
-        raise SamplingOptionError(f"spacing {spacing!r} gives {out} for T={T}, steps={steps}")
-    return out
-
-
-def respace(diffusion: GaussianDiffusion, use_timesteps: Sequence[int]) -> tuple[GaussianDiffusion, list[int]]:
-    """A shorter chain through the kept steps s_0 < s_1 < ... (improved-diffusion's SpacedDiffusion).
-
-    beta'_k = 1 - abar_{s_k} / abar_{s_{k-1}} (abar_{s_{-1}} = 1), so the kept marginals
-    q(x_{s_k} | x_0) are unchanged. Where s_k = s_{k-1} + 1 that ratio is exactly alpha_{s_k}, and
-    beta_{s_k} itself is used, so keeping every step reproduces the original chain bit for bit.
-
-    Returns: (diffusion over len(use_timesteps) steps with the same options, timestep_map) where
-        timestep_map[k] = s_k is the original index the network must see; wrap a model with
-        :class:`TimestepMapModel` to call it with the new indices.
-    """
-    T = diffusion.num_timesteps
-    use = sorted(set(int(i) for i in use_timesteps))
-    if not use or use[0] < 0 or use[-1] >= T:
-        raise SamplingOptionError(f"kept timesteps must be a non-empty subset of 0..{T - 1}, got {list(use_timesteps)}")
-    if len(use) < 2:
-        raise SamplingOptionError("sampling steps must be >= 2: a respaced chain needs at least 2 steps")
-    betas, prev, last_abar = [], -1, 1.0
-    for i in use:
-        betas.append(diffusion.betas[i] if i == prev + 1 else 1.0 - diffusion.alphas_cumprod[i] / last_abar)
-        prev, last_abar = i, diffusion.alphas_cumprod[i]
-    spaced = GaussianDiffusion(np.array(betas, dtype=np.float64), mean_type=diffusion.mean_type,
-                               var_type=diffusion.var_type, loss_type=diffusion.loss_type)
-    return spaced, use
-
-
-class TimestepMapModel:
-    """Calls ``model(x, timestep_map[t])``: a respaced chain's index k becomes the original s_k."""
-
-    def __init__(self, model: Callable, timestep_map: Sequence[int]):
-        self.model = model
-        self.timestep_map = list(timestep_map)
-        self._maps: dict[str, torch.Tensor] = {}
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        m = self._maps.get(str(t.device))
-        if m is None:
-            m = self._maps[str(t.device)] = torch.as_tensor(self.timestep_map, dtype=torch.int64, device=t.device)
-        return self.model(x, m[t])
-
-
-def _chain(diffusion: GaussianDiffusion, steps: int | None, spacing: str) -> tuple[GaussianDiffusion, list[int]]:
-    T = diffusion.num_timesteps
-    if steps is None:
-        if spacing not in SPACINGS:
-            space_timesteps(T, T, spacing)  # raises with the list of choices
-        return diffusion, list(range(T))
-    return respace(diffusion, space_timesteps(T, steps, spacing))
-
-
-# ----------------------------------------------------------------------------------------------
-# One reverse step with pre-gathered coefficients
-class Stepper:
-    """The reverse step x_t -> x_{t-1} of one chain, every coefficient gathered before the loop.
-
-    ``ancestral``: p_sample of the official code (spec 6.1): the mean from
-    :meth:`GaussianDiffusion.mean_variance_from_output` (with the clipped x0 when
-    ``clip_denoised``), plus sigma_k z with the noise masked at k = 0, so the last output is the
-    (clipped) x0 prediction.
-    ``ddim`` (Song et al. 2021, Eq. 12): x_{k-1} = sqrt(abar_prev) x0 + sqrt(1 - abar_prev - s^2) eps + s z,
-    s = eta sqrt((1 - abar_prev)/(1 - abar)) sqrt(1 - abar/abar_prev); eps is recomputed from the
-    (clipped) x0. eta = 1 gives s^2 = beta~, the ancestral step with fixedsmall; eta = 0 is deterministic.
-    """
-
-    def __init__(self, diffusion: GaussianDiffusion, device, sampler: str = "ancestral", eta: float = 0.0,
-                 clip_denoised: bool = True, dtype: torch.dtype = torch.float32):
-        if sampler not in SAMPLERS:
-            raise SamplingOptionError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}"
-                                      f"{suggest(str(sampler), SAMPLERS)}")
-        if not (isinstance(eta, (int, float)) and eta >= 0 and math.isfinite(eta)):
-            raise SamplingOptionError(f"eta must be a number >= 0, got {eta!r}")
-        self.diffusion, self.sampler, self.clip_denoised = diffusion, sampler, clip_denoised
-        S = diffusion.num_timesteps
-        device = torch.device(device)
-
-        def table(a: np.ndarray) -> list[torch.Tensor]:
-            t = torch.as_tensor(a, dtype=torch.float64).to(dtype).to(device)  # cast on the CPU (MPS has no float64)
-            return [t[k] for k in range(S)]
-
-        coef_table = diffusion.coef_table(device, dtype)
-        self.coefs: list[StepCoefs] = [coef_table.at(k) for k in range(S)]
-        mask = np.ones(S)
-        mask[0] = 0.0  # no noise at the last step (Algorithm 2: z = 0 at t = 1)
-        self.mask = table(mask)
-        if sampler == "ancestral":
-            fixed_log = diffusion._coef_arrays["fixed_log_variance"]
-            self.std = table(mask * np.exp(0.5 * fixed_log))
-        else:
-            abar, abar_prev = diffusion.alphas_cumprod, diffusion.alphas_cumprod_prev
-            sigma = eta * np.sqrt((1 - abar_prev) / (1 - abar)) * np.sqrt(1 - abar / abar_prev) * mask
-            self.sigma = table(sigma)
-            self.sqrt_abar_prev = table(np.sqrt(abar_prev))
-            self.dir_coef = table(np.sqrt(np.maximum(1 - abar_prev - sigma ** 2, 0.0)))
-
-    def step(self, k: int, x: torch.Tensor, model_output: torch.Tensor, noise: torch.Tensor):
-        """Step from chain index k. Returns (x_{k-1}, pred_xstart), both like x."""
-        d, c = self.diffusion, self.coefs[k]
-        mean, _, log_var, pred_xstart = d.mean_variance_from_output(model_output, x, c, self.clip_denoised)
-        if self.sampler == "ancestral":
-            if d.learned_variance:
-                return mean + self.mask[k] * torch.exp(0.5 * log_var) * noise, pred_xstart
-            return mean + self.std[k] * noise, pred_xstart
-        eps = (c.sqrt_recip_alphas_cumprod * x - pred_xstart) / c.sqrt_recipm1_alphas_cumprod
-        return self.sqrt_abar_prev[k] * pred_xstart + self.dir_coef[k] * eps + self.sigma[k] * noise, pred_xstart
-
-
-def _run_chain(stepper: Stepper, model: Callable, x: torch.Tensor, noise, t_rows: torch.Tensor, start: int,
-               amp_dtype: torch.dtype | None, on_step: Callable | None = None, pbar=None) -> torch.Tensor:
-    """Reverse steps k = start .. 0. ``noise.next()`` gives one [B, C, H, W] draw per step;
-    ``t_rows[k]`` is the int64 [B] timestep the network sees at step k."""
-    d = stepper.diffusion
-    for k in range(start, -1, -1):
-        out = call_model(model, x, t_rows[k], amp_dtype)
-        d._check_output(out, x)
-        x, pred_xstart = stepper.step(k, x, out, noise.next())
-        if on_step is not None:
-            on_step(k, pred_xstart)
-        if pbar is not None:
-            pbar.update(1)
-    return x
-
-
-def _t_rows(timestep_map: Sequence[int], batch: int, device) -> torch.Tensor:
-    """[S, B] int64: row k is the network's timestep at chain step k, contiguous."""
-    return torch.as_tensor(list(timestep_map), dtype=torch.int64, device=device)[:, None].repeat(1, batch)
+__all__ = ["sample", "sample_progressive", "sample_chains", "interpolate", "space_timesteps", "respace",
+           "Speed", "SamplingOptionError"]
 
 
 def _check_shape(shape) -> tuple[int, int, int]:
@@ -208,6 +52,15 @@ def _check_seeds(seeds) -> list[int]:
     return seeds
 
 
+def _check_per_image(name: str, value: torch.Tensor, n: int, shape: tuple | None = None) -> torch.Tensor:
+    if not isinstance(value, torch.Tensor) or value.ndim < 1 or value.shape[0] != n:
+        got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+        raise SamplingOptionError(f"{name} must be a tensor with one row per seed ({n}), got {got}")
+    if shape is not None and tuple(value.shape[1:]) != shape:
+        raise SamplingOptionError(f"{name} must have shape [{n}, {', '.join(map(str, shape))}], got {tuple(value.shape)}")
+    return value
+
+
 def _progress(progress: bool, total: int, desc: str):
     if not progress:
         return None
@@ -216,116 +69,113 @@ def _progress(progress: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc)
 
 
-@contextlib.contextmanager
-def _fast_model(model: Callable, device, shape, channels_last: bool | None, compile: bool, cuda_graph: bool,
-                amp_dtype: torch.dtype | None = None, winograd: bool | None = None) -> Iterator[Callable]:
-    """``model`` wrapped in :class:`ddpm.fast.FastModel` for (C, H, W) images; for the block its
-    weights are channels_last (if chosen), under autocast already in ``amp_dtype`` (cast once,
-    not every step), and its large 3x3 convolutions run as Winograd F(4x4, 3x3) on the CPU
-    (``winograd``; None = on for eager float32 CPU runs, see :mod:`ddpm.winograd`)."""
-    if winograd and compile:
-        raise SamplingOptionError("winograd=True cannot be combined with compile=True (inductor compiles the "
-                                  "direct convolution); choose one")
-    if winograd is None:
-        winograd = torch.device(device).type == "cpu" and not compile and amp_dtype is None
-    fm = FastModel(model, device, channels_last=channels_last, compile=compile, cuda_graph=cuda_graph,
-                   image_hw=tuple(shape[-2:]))
-    with (_channels_last_weights(model, enabled=fm.channels_last), lowp_weights(model, amp_dtype),
-          winograd_convs(model, enabled=bool(winograd))):
-        yield fm
+def make_chain(diffusion: GaussianDiffusion, device, steps: int | None = None, spacing: str = "trailing",
+               clip_denoised: bool = True, eta: float = 0.0, options: Mapping[str, Any] | None = None) -> Chain:
+    """The chain of a sampling run: every step (``steps=None``) or ``steps`` kept ones by ``spacing``."""
+    T = diffusion.num_timesteps
+    if steps is None:
+        check_spacing(spacing)
+        kept = list(range(T))
+    else:
+        kept = space_timesteps(T, steps, spacing)
+        if len(kept) < 2:
+            raise SamplingOptionError("sampling steps must be >= 2: a respaced chain needs at least 2 steps")
+    return Chain(diffusion, tuple(kept), torch.device(device), clip_denoised=bool(clip_denoised), eta=eta,
+                 options=dict(options or {}))
 
 
-def _sample_impl(diffusion, model, shape, seeds, batch_size, device, sampler, steps, spacing, eta, clip_denoised,
-                 amp_dtype, progress, every=None, fast=None):
+def _sample_impl(diffusion, model, shape, seeds, *, batch_size, device, sampler, steps, spacing, eta, clip_denoised,
+                 amp_dtype, progress, speed, x_T, model_kwargs, guidance, sampler_options, every=None):
     shape, seeds = _check_shape(shape), _check_seeds(seeds)
-    batch_size = len(seeds) if batch_size is None else int(batch_size)
+    N = len(seeds)
+    batch_size = N if batch_size is None else int(batch_size)
     if batch_size < 1:
         raise SamplingOptionError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
-    chain, tmap = _chain(diffusion, steps, spacing)
-    stepper = Stepper(chain, device, sampler=sampler, eta=eta, clip_denoised=clip_denoised)
-    S = chain.num_timesteps
+    chain = make_chain(diffusion, device, steps, spacing, clip_denoised, eta, sampler_options)
+    unit = samplers.get(sampler)(chain)
+    if x_T is not None:
+        x_T = _check_per_image("x_T", x_T, N, shape)
+    kwargs = {k: _check_per_image(f"model_kwargs[{k!r}]", v, N) for k, v in (model_kwargs or {}).items()}
+    if guidance is not None and not kwargs:
+        raise SamplingOptionError("guidance needs conditioning: pass model_kwargs (e.g. {'y': labels})")
+    S = len(chain)
     n_slots = None if every is None else (S - 1) // int(every) + 1
-    batches = [seeds[i:i + batch_size] for i in range(0, len(seeds), batch_size)]
-    pbar = _progress(progress, len(batches) * S, "sampling")
+    starts = range(0, N, batch_size)
+    pbar = _progress(progress, len(starts) * unit.nfe, "sampling")
     finals, records = [], []
-    with _fast_model(model, device, shape, **(fast or {}), amp_dtype=amp_dtype) as model:
-        for b_seeds in batches:
-            _sample_batch(stepper, model, shape, b_seeds, device, tmap, S, amp_dtype, pbar, every, n_slots,
-                          finals, records)
+    with fast_network(model, device, shape, speed, amp_dtype) as net:
+        for i in starts:
+            b_seeds = seeds[i:i + batch_size]
+            B = len(b_seeds)
+            noise = ImageNoise(b_seeds, shape, device, torch.float32)
+            x = noise.next()  # x_T ~ N(0, I): the first draw of every image's stream
+            if x_T is not None:
+                x = x_T[i:i + B].to(device, torch.float32)
+            denoise = Denoiser(net, chain, B, amp_dtype, {k: v[i:i + B].to(device) for k, v in kwargs.items()},
+                               guidance, on_call=None if pbar is None else (lambda: pbar.update(1)))
+            rec, callback = None, None
+            if every is not None:
+                rec = torch.empty((B, n_slots, *shape), dtype=torch.float32, device=device)
+
+                def callback(k, pred_xstart, rec=rec):
+                    if k % every == 0:  # descending loop: slot j ends at k = every*j
+                        rec[:, k // every] = pred_xstart
+
+            finals.append(unit.run(denoise, x, noise, callback).to("cpu", torch.float32))
+            if rec is not None:
+                records.append(rec.to("cpu", torch.float32))
     if pbar is not None:
         pbar.close()
     final = torch.cat(finals)
     if every is None:
         return final
-    return final, torch.cat(records), [tmap[every * j] for j in range(n_slots)]
-
-
-def _sample_batch(stepper, model, shape, b_seeds, device, tmap, S, amp_dtype, pbar, every, n_slots, finals, records):
-    """One batch of :func:`_sample_impl`: appends its final images (and x0 records) to the lists."""
-    noise = ImageNoise(b_seeds, shape, device, torch.float32)
-    x = noise.next()  # x_T ~ N(0, I): the first draw of every image's stream
-    rec, on_step = None, None
-    if every is not None:
-        rec = torch.empty((len(b_seeds), n_slots, *shape), dtype=torch.float32, device=device)
-
-        def on_step(k, pred_xstart, rec=rec):
-            if k % every == 0:  # descending loop: slot j ends at k = every*j (spec 6.3)
-                rec[:, k // every] = pred_xstart
-
-    x = _run_chain(stepper, model, x, noise, _t_rows(tmap, len(b_seeds), device), S - 1, amp_dtype, on_step, pbar)
-    finals.append(x.to("cpu", torch.float32))
-    if rec is not None:
-        records.append(rec.to("cpu", torch.float32))
+    return final, torch.cat(records), [chain.timesteps[every * j] for j in range(n_slots)]
 
 
 @torch.inference_mode()
 def sample(diffusion: GaussianDiffusion, model: Callable, shape: Sequence[int], seeds: Sequence[int], *,
            batch_size: int | None = None, device="cpu", sampler: str = "ancestral", steps: int | None = None,
            spacing: str = "trailing", eta: float = 0.0, clip_denoised: bool = True,
-           amp_dtype: torch.dtype | None = None, progress: bool = False, compile: bool = False,
-           channels_last: bool | None = None, cuda_graph: bool = False,
-           winograd: bool | None = None) -> torch.Tensor:
-    """Draw one image per seed (paper Algorithm 2 as the official code runs it, spec 6.1-6.2).
+           amp_dtype: torch.dtype | None = None, progress: bool = False, speed: Speed | None = None,
+           x_T: torch.Tensor | None = None, model_kwargs: Mapping[str, torch.Tensor] | None = None,
+           guidance: float | None = None, sampler_options: Mapping[str, Any] | None = None) -> torch.Tensor:
+    """Draw one image per seed (paper Algorithm 2 as the official code runs it, or another sampler).
 
     Args:
         shape: (C, H, W); seeds: one int per image; batch_size: images per batch (default all).
         device: where the model lives and the chain runs.
-        sampler: ``ancestral`` (p_sample) or ``ddim`` (with ``eta``).
-        steps: None = all T steps; else a respaced chain of ``steps`` steps (``spacing``:
-            trailing | leading | linspace, see :func:`space_timesteps`).
+        sampler: a name from :func:`ddpm.samplers.names` (``ancestral``: Algorithm 2; ``ddim``
+            with ``eta``; ...).
+        steps: None = all T steps; else a respaced chain of ``steps`` network calls (``spacing``:
+            trailing | leading | linspace, see :func:`ddpm.respacing.space_timesteps`).
         clip_denoised: clamp the x0 prediction to [-1, 1] at every step (official default).
         amp_dtype: run the network under autocast with this dtype (the math stays float32).
-        compile: run the network through ``torch.compile`` (inductor; :class:`ddpm.fast.FastModel`).
-            One compilation per architecture and batch shape (minutes for the CIFAR-10 U-Net on a
-            CPU), then the compiled code is reused by later calls in the process.
-        channels_last: NHWC weights and inputs for the network during the call (the module is
-            restored afterwards); None = :func:`ddpm.fast.wants_channels_last` (an ``nn.Module``
-            on CUDA, or on the CPU for images of at least 32x32).
-        cuda_graph: on CUDA, replay the network from a CUDA graph (ignored elsewhere).
-        winograd: run the 3x3 convolutions with >= 128 channels as Winograd F(4x4, 3x3)
-            (:mod:`ddpm.winograd`; float32, ~1.3x faster than oneDNN's direct convolution for
-            the CIFAR-10 U-Net at batch 64, rounding error ~2x the direct one's). None = on for
-            eager float32 runs on the CPU (not with ``compile`` or ``amp_dtype``); False =
-            oneDNN's direct convolution.
+        speed: how the network runs (:class:`ddpm.speed.Speed`: channels_last, compile, CUDA
+            graphs, Winograd); None = the defaults.
+        x_T: optional starting noise [N, C, H, W] (it replaces the first draw of every image's stream;
+            the step noise is unchanged), e.g. for parity checks against another sampler.
+        model_kwargs: conditioning tensors with one row per image, passed to the model as keyword
+            arguments (class labels: ``{"y": int64 [N]}``).
+        guidance: classifier-free guidance weight W (needs ``model_kwargs``): the network output is
+            out_uncond + W (out_cond - out_uncond), both branches in one batched call
+            (:class:`ddpm.samplers.base.Denoiser`).
+        sampler_options: sampler-specific options by name.
 
     Returns: float32 CPU tensor [N, C, H, W]; in [-1, 1] when clip_denoised (the final sample is
-        the clipped x0 prediction).
+        the clipped x0 prediction for ``ancestral`` and ``ddim``).
     """
-    return _sample_impl(diffusion, model, shape, seeds, batch_size, device, sampler, steps, spacing, eta,
-                        clip_denoised, amp_dtype, progress,
-                        fast=dict(channels_last=channels_last, compile=compile, cuda_graph=cuda_graph,
-                                  winograd=winograd))
+    return _sample_impl(diffusion, model, shape, seeds, batch_size=batch_size, device=device, sampler=sampler,
+                        steps=steps, spacing=spacing, eta=eta, clip_denoised=clip_denoised, amp_dtype=amp_dtype,
+                        progress=progress, speed=speed, x_T=x_T, model_kwargs=model_kwargs, guidance=guidance,
+                        sampler_options=sampler_options)
 
 
 @torch.inference_mode()
 def sample_progressive(diffusion: GaussianDiffusion, model: Callable, shape: Sequence[int], seeds: Sequence[int],
-                       every: int = 50, *, batch_size: int | None = None, device="cpu", sampler: str = "ancestral",
-                       steps: int | None = None, spacing: str = "trailing", eta: float = 0.0,
-                       clip_denoised: bool = True, amp_dtype: torch.dtype | None = None, progress: bool = False,
-                       compile: bool = False, channels_last: bool | None = None, cuda_graph: bool = False,
-                       winograd: bool | None = None):
-    """:func:`sample`, also recording the x0 prediction at chain steps k = every*j (spec 6.3, Fig. 6).
+                       every: int = 50, **kwargs):
+    """:func:`sample` (same keyword arguments), also recording the x0 prediction at chain steps
+    k = every*j (paper Fig. 6).
 
     Returns: (final [N, C, H, W], xstart [N, S, C, H, W], ts) with S = (T'-1)//every + 1 for a
         chain of T' steps; slot j holds x0 predicted at chain step every*j, whose original 0-based
@@ -334,10 +184,14 @@ def sample_progressive(diffusion: GaussianDiffusion, model: Callable, shape: Seq
     """
     if isinstance(every, bool) or int(every) != every or every < 1:
         raise SamplingOptionError(f"every must be a positive integer, got {every!r}")
-    return _sample_impl(diffusion, model, shape, seeds, batch_size, device, sampler, steps, spacing, eta,
-                        clip_denoised, amp_dtype, progress, every=int(every),
-                        fast=dict(channels_last=channels_last, compile=compile, cuda_graph=cuda_graph,
-                                  winograd=winograd))
+    opts = dict(batch_size=None, device="cpu", sampler="ancestral", steps=None, spacing="trailing", eta=0.0,
+                clip_denoised=True, amp_dtype=None, progress=False, speed=None, x_T=None, model_kwargs=None,
+                guidance=None, sampler_options=None)
+    unknown = set(kwargs) - set(opts)
+    if unknown:
+        raise TypeError(f"sample_progressive() got unexpected keyword arguments {sorted(unknown)}")
+    opts.update(kwargs)
+    return _sample_impl(diffusion, model, shape, seeds, every=int(every), **opts)
 
 
 def _child_seeds(seed: int, n: int) -> list[int]:
@@ -373,22 +227,24 @@ class _Repeat:
         return z.expand(self.n, *z.shape[1:])
 
 
+def _ancestral(diffusion: GaussianDiffusion, device, clip_denoised: bool):
+    chain = make_chain(diffusion, device, clip_denoised=clip_denoised)
+    return chain, samplers.get("ancestral")(chain)
+
+
 @torch.inference_mode()
 def sample_chains(diffusion: GaussianDiffusion, model: Callable, shape: Sequence[int], seed: int, n: int,
                   split_steps: Sequence[int] = (0, 250, 500, 750), *, device="cpu", clip_denoised: bool = True,
-                  amp_dtype: torch.dtype | None = None, progress: bool = False, compile: bool = False,
-                  channels_last: bool | None = None, cuda_graph: bool = False,
-                  winograd: bool | None = None) -> torch.Tensor:
-    """Chains that share x_T and the first reverse steps' noise, then split (spec 6.4, Fig. 7).
+                  amp_dtype: torch.dtype | None = None, progress: bool = False,
+                  speed: Speed | None = None) -> torch.Tensor:
+    """Chains that share x_T and the first reverse steps' noise, then split (paper Fig. 7).
 
     For split s (the official ``repeat_noise_steps``), the noise of step i (0-based) is shared by
     the n chains while T - i <= s, then independent; so s = 0 shares only x_T and s = 250 shares
     everything down to paper x_750. Every row uses the same shared stream (from ``seed``) and
     chain j the same own stream, so the result is a deterministic function of ``seed``.
 
-    ``compile``, ``channels_last``, ``cuda_graph``, ``winograd``: as in :func:`sample`.
-
-    Returns: float32 CPU [len(split_steps), n, C, H, W].
+    ``speed``: as in :func:`sample`. Returns: float32 CPU [len(split_steps), n, C, H, W].
     """
     shape = _check_shape(shape)
     T, n = diffusion.num_timesteps, int(n)
@@ -404,11 +260,11 @@ def sample_chains(diffusion: GaussianDiffusion, model: Callable, shape: Sequence
     split_rows = torch.as_tensor(splits, device=device).repeat_interleave(n)  # [R]
     steps_left = T - torch.arange(T, device=device)  # T - i
     share = steps_left[:, None] <= split_rows[None, :]  # [T, R]
-    stepper = Stepper(diffusion, device, "ancestral", clip_denoised=clip_denoised)
+    chain, unit = _ancestral(diffusion, device, clip_denoised)
     pbar = _progress(progress, T, "chains")
-    with _fast_model(model, device, shape, channels_last, compile, cuda_graph, amp_dtype, winograd) as fm:
-        x = _run_chain(stepper, fm, x, _SharedThenSplit(shared, own, share, len(splits)),
-                       _t_rows(range(T), R, device), T - 1, amp_dtype, pbar=pbar)
+    with fast_network(model, device, shape, speed, amp_dtype) as net:
+        denoise = Denoiser(net, chain, R, amp_dtype, on_call=None if pbar is None else (lambda: pbar.update(1)))
+        x = unit.run(denoise, x, _SharedThenSplit(shared, own, share, len(splits)))
     if pbar is not None:
         pbar.close()
     return x.to("cpu", torch.float32).reshape(len(splits), n, *shape)
@@ -417,10 +273,9 @@ def sample_chains(diffusion: GaussianDiffusion, model: Callable, shape: Sequence
 @torch.inference_mode()
 def interpolate(diffusion: GaussianDiffusion, model: Callable, x0_a: torch.Tensor, x0_b: torch.Tensor, t: int,
                 lambdas: Sequence[float], seed: int, *, device="cpu", clip_denoised: bool = True,
-                amp_dtype: torch.dtype | None = None, progress: bool = False, compile: bool = False,
-                channels_last: bool | None = None, cuda_graph: bool = False,
-                winograd: bool | None = None) -> torch.Tensor:
-    """Interpolate two images in latent space (spec 6.5, paper section 4.4, Fig. 8/9).
+                amp_dtype: torch.dtype | None = None, progress: bool = False,
+                speed: Speed | None = None) -> torch.Tensor:
+    """Interpolate two images in latent space (paper section 4.4, Fig. 8/9).
 
     x_t = q_sample(x0_a, t), x_t' = q_sample(x0_b, t) with independent fixed noise (from ``seed``),
     mixed as (1 - lambda) x_t + lambda x_t' (the latents, not x0: the paper's formula is a typo),
@@ -428,7 +283,7 @@ def interpolate(diffusion: GaussianDiffusion, model: Callable, x0_a: torch.Tenso
 
     Args:
         x0_a, x0_b: images [C, H, W] or [1, C, H, W] in [-1, 1]; t: 0-based index in 0..T-1.
-        compile, channels_last, cuda_graph, winograd: as in :func:`sample`.
+        speed: as in :func:`sample`.
 
     Returns: float32 CPU [len(lambdas), C, H, W].
     """
@@ -452,11 +307,11 @@ def interpolate(diffusion: GaussianDiffusion, model: Callable, x0_a: torch.Tenso
     xt_a = diffusion.q_sample(a, tt, noise=ImageNoise([seed_a], shape, device).next())
     xt_b = diffusion.q_sample(b, tt, noise=ImageNoise([seed_b], shape, device).next())
     x = (1.0 - lam) * xt_a + lam * xt_b  # [L, C, H, W]
-    stepper = Stepper(diffusion, device, "ancestral", clip_denoised=clip_denoised)
+    chain, unit = _ancestral(diffusion, device, clip_denoised)
     pbar = _progress(progress, t + 1, "interpolate")
-    with _fast_model(model, device, shape, channels_last, compile, cuda_graph, amp_dtype, winograd) as fm:
-        x = _run_chain(stepper, fm, x, _Repeat(ImageNoise([seed_rev], shape, device), L),
-                       _t_rows(range(T), L, device), t, amp_dtype, pbar=pbar)
+    with fast_network(model, device, shape, speed, amp_dtype) as net:
+        denoise = Denoiser(net, chain, L, amp_dtype, on_call=None if pbar is None else (lambda: pbar.update(1)))
+        x = unit.run(denoise, x, _Repeat(ImageNoise([seed_rev], shape, device), L), start=t)
     if pbar is not None:
         pbar.close()
     return x.to("cpu", torch.float32)

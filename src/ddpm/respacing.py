@@ -1,0 +1,73 @@
+"""Shorter reverse chains through a subset of the timesteps (improved DDPM's respacing; DDIM).
+
+:func:`space_timesteps` chooses which 0-based indices a K-step sampler visits and
+:func:`respace` builds the K-step Gaussian diffusion through them whose marginals
+q(x_{s_k} | x_0) equal the original ones (Nichol & Dhariwal 2021, section 4; Song et al. 2021).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from .diffusion import GaussianDiffusion
+from .errors import SamplingOptionError, suggest
+from .options import TIMESTEP_SPACINGS
+
+
+def check_spacing(spacing: str) -> str:
+    """``spacing`` if it is a known name, else a :class:`SamplingOptionError` listing the choices."""
+    if spacing not in TIMESTEP_SPACINGS:
+        raise SamplingOptionError(f"unknown timestep spacing {spacing!r}; expected one of "
+                                  f"{', '.join(TIMESTEP_SPACINGS)}{suggest(str(spacing), TIMESTEP_SPACINGS)}")
+    return spacing
+
+
+def space_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing") -> list[int]:
+    """The ``steps`` kept 0-based timestep indices out of ``num_timesteps``, ascending.
+
+    ``trailing`` (default): round(T - k T/steps) - 1 for k < steps; always keeps T-1 (diffusers'
+    "trailing"). ``leading``: k * (T // steps), starts at 0. ``linspace``: round(linspace(0, T-1, steps)).
+    """
+    T = int(num_timesteps)
+    if isinstance(steps, bool) or int(steps) != steps or not 1 <= int(steps) <= T:
+        raise SamplingOptionError(f"sampling steps must be an integer in 1..{T}, got {steps!r}")
+    steps = int(steps)
+    check_spacing(spacing)
+    if spacing == "trailing":
+        ratio = T / steps
+        kept = np.round(T - np.arange(steps) * ratio).astype(np.int64) - 1
+    elif spacing == "leading":
+        kept = np.arange(steps, dtype=np.int64) * (T // steps)
+    else:  # linspace
+        kept = np.linspace(0, T - 1, steps).round().astype(np.int64)
+    out = sorted(set(int(i) for i in kept))
+    if len(out) != steps or out[0] < 0 or out[-1] > T - 1:  # pragma: no cover - guarded by the formulas
+        raise SamplingOptionError(f"spacing {spacing!r} gives {out} for T={T}, steps={steps}")
+    return out
+
+
+def respace(diffusion: GaussianDiffusion, use_timesteps: Sequence[int]) -> tuple[GaussianDiffusion, list[int]]:
+    """A shorter chain through the kept steps s_0 < s_1 < ... (improved-diffusion's SpacedDiffusion).
+
+    beta'_k = 1 - abar_{s_k} / abar_{s_{k-1}} (abar_{s_{-1}} = 1), so the kept marginals
+    q(x_{s_k} | x_0) are unchanged. Where s_k = s_{k-1} + 1 that ratio is exactly alpha_{s_k}, and
+    beta_{s_k} itself is used, so keeping every step reproduces the original chain bit for bit.
+
+    Returns: (diffusion over len(use_timesteps) steps with the same options, timestep_map) where
+        timestep_map[k] = s_k is the original index the network must see at chain step k.
+    """
+    T = diffusion.num_timesteps
+    use = sorted(set(int(i) for i in use_timesteps))
+    if not use or use[0] < 0 or use[-1] >= T:
+        raise SamplingOptionError(f"kept timesteps must be a non-empty subset of 0..{T - 1}, got {list(use_timesteps)}")
+    if len(use) < 2:
+        raise SamplingOptionError("sampling steps must be >= 2: a respaced chain needs at least 2 steps")
+    betas, prev, last_abar = [], -1, 1.0
+    for i in use:
+        betas.append(diffusion.betas[i] if i == prev + 1 else 1.0 - diffusion.alphas_cumprod[i] / last_abar)
+        prev, last_abar = i, diffusion.alphas_cumprod[i]
+    spaced = GaussianDiffusion(np.array(betas, dtype=np.float64), mean_type=diffusion.mean_type,
+                               var_type=diffusion.var_type, loss_type=diffusion.loss_type)
+    return spaced, use

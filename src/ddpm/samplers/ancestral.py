@@ -1,0 +1,47 @@
+"""``ancestral``: paper Algorithm 2 as the official code's p_sample runs it (section 3.2, Eq. 11).
+
+x_{k-1} = mu_theta(x_k, k) + sigma_k z, with mu_theta the posterior mean at the (clipped) x0
+prediction and z = 0 at the last step (Algorithm 2: z = 0 at t = 1), so the final output is the
+(clipped) x0 prediction. sigma_k^2 is the model's variance: fixedlarge (beta_t, beta~_2 at index
+0), fixedsmall (beta~_t) or the learned one. On a respaced chain the betas are the spaced ones.
+One noise draw per step, also the last (where it is masked), so image k's stream is fixed.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import register
+from .base import Chain, Denoiser, Sampler
+
+
+@register
+class Ancestral(Sampler):
+    name = "ancestral"
+    help = "paper Algorithm 2 (p_sample of the official code), 1 network call per step"
+
+    def __init__(self, chain: Chain):
+        super().__init__(chain)
+        d = chain.spaced
+        mask = np.ones(len(chain))
+        mask[0] = 0.0  # no noise at the last step
+        self.mask = chain.table(mask)
+        self.std = chain.table(mask * np.exp(0.5 * d.coef_arrays["fixed_log_variance"]))
+
+    def step(self, k: int, x: torch.Tensor, out: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step from chain index k given the model output ``out`` and the noise draw ``z``.
+        Returns (x_{k-1}, pred_x0), both like x."""
+        d = self.chain.spaced
+        mean, _, log_var, x0 = d.mean_variance_from_output(out, x, self.chain.coefs[k], self.chain.clip_denoised)
+        if d.learned_variance:
+            return mean + self.mask[k] * torch.exp(0.5 * log_var) * z, x0
+        return mean + self.std[k] * z, x0
+
+    def run(self, denoise: Denoiser, x: torch.Tensor, noise, callback=None, start: int | None = None
+            ) -> torch.Tensor:
+        for k in range(len(self.chain) - 1 if start is None else start, -1, -1):
+            x, x0 = self.step(k, x, denoise(x, k), noise.next())
+            if callback is not None:
+                callback(k, x0)
+        return x
