@@ -14,8 +14,7 @@ import math
 import numpy as np
 
 from .errors import ConfigError, suggest
-
-SCHEDULES = ("linear", "quad", "warmup10", "warmup50", "const", "jsd", "cosine")
+from .options import BETA_SCHEDULES as SCHEDULES  # the one declaration of the names
 
 # improved-diffusion's cosine schedule: offset s and the cap that keeps beta < 1 near t = T.
 COSINE_S = 0.008
