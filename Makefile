@@ -2,6 +2,7 @@
 #   make demo   train the default (digits) preset, sample, evaluate, print where the results are
 #   make test   run the test suite
 #   make bench  side-by-side speed against diffusers (BENCH_ARGS="--quick --threads 1" etc.)
+#   make bench-gpu         one prepared GPU run (benchmarks/gpu.sh); make bench-gpu-wheels first, here
 #
 # torch: a torch already importable by $(PY) is used as is (the venv sees system packages), so
 # GPU users install their CUDA build first. Otherwise the CPU build $(TORCH_SPEC) is installed
@@ -15,7 +16,7 @@ DEMO ?= demo
 BENCH_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench bench-gpu bench-gpu-wheels install clean
 
 install: $(STAMP)
 
@@ -33,6 +34,22 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
+
+# One GPU run (H100/H200, <= 8 min, no network there): benchmarks/gpu.sh, with diffusers from the
+# wheels that bench-gpu-wheels downloads here (benchmarks/wheels/, git-ignored: carry it along).
+GPU_PY ?= python3
+WHEEL_PYTHONS ?= 3.11 3.12 3.13
+
+bench-gpu:
+	PY=$(GPU_PY) benchmarks/gpu.sh $(BENCH_ARGS)
+
+bench-gpu-wheels: $(STAMP)
+	@for v in $(WHEEL_PYTHONS); do \
+	  $(BIN)/python -m pip download -q --no-deps --only-binary=:all: --implementation cp --python-version $$v \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d benchmarks/wheels -r benchmarks/gpu-requirements.txt || exit 1; \
+	done
+	@du -sh benchmarks/wheels
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -84,6 +84,8 @@ def bench_train(args, device: torch.device) -> list[Row]:
         variants.append(OursOptions(channels_last=True, precision="bf16"))
     if not cuda:  # train.winograd: forward, input and weight gradients by Winograd F(4x4, 3x3)
         variants.append(OursOptions(channels_last=True, winograd=True))
+        # the trainer's defaults: NCHW, each conv shape timed once (ddpm.autotune, cached per machine)
+        variants.append(OursOptions(winograd=None))
     if args.fused_adam and not cuda:
         variants.append(OursOptions(channels_last=True, fused_adam=True))
         variants.append(OursOptions(channels_last=True, fused_adam=True, winograd=True))
@@ -135,8 +137,10 @@ def bench_sample(args, device: torch.device) -> list[Row]:
     shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
     # ours0/ours1: oneDNN's direct convolution (the same kernels diffusers calls), NCHW / NHWC
     variants = [SampleOptions(channels_last=False, winograd=False), SampleOptions(channels_last=True, winograd=False)]
-    if not cuda:  # the CPU default: Winograd F(4x4, 3x3) for the wide 3x3 convolutions
+    if not cuda:  # Winograd F(4x4, 3x3) for every conv with >= 128 channels, and the default:
+        # layout and per-shape routing timed once on this machine (ddpm.autotune)
         variants.append(SampleOptions(channels_last=True, winograd=True))
+        variants.append(SampleOptions())
     if cuda:
         variants += [SampleOptions(channels_last=True, cuda_graph=True),
                      SampleOptions(channels_last=True, cuda_graph=True, amp_dtype=torch.bfloat16)]
@@ -173,7 +177,7 @@ class _DigitsTrain:
                                                           "train.save_every=0", "train.log_every=0", *overrides])
 
     def __call__(self) -> None:
-        from ddpm.train import train
+        from ddpm.training import train
 
         with tempfile.TemporaryDirectory(prefix="ddpm_bench_") as d:
             res = train(self.cfg, Path(d) / "run", device=str(self.device), progress=False, log=lambda m: None)

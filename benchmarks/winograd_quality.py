@@ -50,6 +50,7 @@ def main(argv=None) -> int:
     from ddpm.evaluate.nll import evaluate_nll
     from ddpm.images import to_uint8
     from ddpm.sampling import sample
+    from ddpm.speed import Speed
 
     model, diffusion, cfg, _ = load(args.run, device="cpu")
     shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
@@ -59,11 +60,11 @@ def main(argv=None) -> int:
     for name in ("direct", "winograd"):
         t0 = time.perf_counter()
         if name == "direct":
-            x = sample(diffusion, model, shape, seeds, batch_size=len(seeds), winograd=False)
+            x = sample(diffusion, model, shape, seeds, batch_size=len(seeds), speed=Speed(winograd=False))
         else:
             with _everywhere(model) as n:
                 res["convs_routed"] = n
-                x = sample(diffusion, model, shape, seeds, batch_size=len(seeds), winograd=False)
+                x = sample(diffusion, model, shape, seeds, batch_size=len(seeds), speed=Speed(winograd=False))
         u8[name] = to_uint8(x)
         q = digits_quality(u8[name])
         res[name] = {"sample_s": round(time.perf_counter() - t0, 1),

@@ -6,10 +6,10 @@ through ``ddpm.interop.diffusers``), the same batch shape, dtype and threads.
 * Training step (both): draw t ~ U{0..T-1} and eps, x_t = sqrt(abar) x0 + sqrt(1-abar) eps,
   L_simple = mean((eps - net(x_t, t))^2), backward, clip the global grad norm to 1, Adam
   (lr 2e-4, betas 0.9/0.999, eps 1e-8, no weight decay), EMA 0.9999.
-  - ours: the trainer's own parts (``ddpm.train.optim.make_optimizer`` -- foreach Adam on CPU,
-    fused on CUDA --, ``grad_norm_and_clip``, ``ddpm.train.ema.EMA`` -- one foreach lerp --,
-    ``GaussianDiffusion.training_losses``, the trainer's per-step seeded generators and its one
-    host sync per step), with the options of ``train.channels_last`` / ``precision`` / ``compile``.
+  - ours: the trainer's own step, ``ddpm.training.step.train_step`` (foreach Adam on CPU, fused
+    on CUDA; ``grad_norm_and_clip``; one foreach lerp for the EMA; the per-step seeded
+    generators and one host sync per step), with the options of ``train.channels_last`` /
+    ``precision`` / ``compile``.
   - diffusers: as its ``train_unconditional.py`` example does it: ``DDPMScheduler.add_noise``,
     ``F.mse_loss``, ``clip_grad_norm_``, ``torch.optim.Adam`` with its defaults, and
     ``diffusers.training_utils.EMAModel(decay=0.9999)`` with its defaults.
@@ -65,10 +65,10 @@ def fixed_batch(cfg: Config, batch: int, device: torch.device, seed: int = 1) ->
 @dataclass
 class OursOptions:
     channels_last: bool = False
-    precision: str = "fp32"     # fp32 | bf16 | fp16 (ddpm.train.precision)
+    precision: str = "fp32"     # fp32 | bf16 | fp16 (ddpm.training.precision)
     compile: bool = False
     fused_adam: bool | None = None  # None: the trainer's choice (fused on CUDA, foreach elsewhere)
-    winograd: bool = False  # train.winograd
+    winograd: bool | None = False  # train.winograd: False direct, True always (untimed), None autotuned
 
     def label(self) -> str:
         parts = [self.precision]
@@ -76,6 +76,8 @@ class OursOptions:
             parts.append("channels_last")
         if self.winograd:
             parts.append("Winograd")
+        elif self.winograd is None:
+            parts.append("conv auto")
         if self.compile:
             parts.append("compile")
         if self.fused_adam is not None:
@@ -84,64 +86,49 @@ class OursOptions:
 
 
 class OursTrainStep:
-    """One optimiser step as ``ddpm.train.loop._Trainer._one_step`` does it (single process, no
-    gradient accumulation, uniform t), built from the trainer's public parts."""
+    """One optimiser step of the trainer itself (:func:`ddpm.training.step.train_step`: single
+    process, no gradient accumulation, uniform t, no warm-up), on a fixed batch."""
 
     def __init__(self, model: UNet, diffusion: GaussianDiffusion, x0: torch.Tensor, device: torch.device,
                  opts: OursOptions, tc: TrainConfig | None = None):
-        from ddpm.train.ema import EMA
-        from ddpm.train.optim import make_optimizer
-        from ddpm.train.precision import resolve_precision
+        from dataclasses import replace
 
-        tc = tc or TrainConfig(lr=LR)
-        self.tc, self.device, self.opts, self.diffusion = tc, device, opts, diffusion
+        from ddpm.config import ModelConfig
+        from ddpm.training.ema import EMA
+        from ddpm.training.optim import make_optimizer
+        from ddpm.training.precision import resolve_precision
+        from ddpm.training.step import TrainParts
+        from ddpm.training.tsampler import make_t_sampler
+
+        tc = replace(tc or TrainConfig(lr=LR), batch_size=x0.shape[0], grad_accum=1, warmup_steps=0,
+                     t_sampler="uniform", channels_last=opts.channels_last, precision=opts.precision)
+        shape = replace(ModelConfig(), in_channels=x0.shape[1], resolution=x0.shape[2])
         if opts.channels_last:
             model = model.to(memory_format=torch.channels_last)
-            x0 = x0.contiguous(memory_format=torch.channels_last)
-        self.model, self.x0 = model.train(), x0
-        self.params = [p for p in model.parameters()]
-        self.ema = EMA(model, tc.ema_decay)
+        self.x0 = x0
+        params = list(model.parameters())
         if opts.fused_adam is None:
-            self.optimizer = make_optimizer(self.params, tc, device)
+            optimizer = make_optimizer(params, tc, device)
         else:
             kw = dict(lr=0.0, betas=(tc.adam_beta1, tc.adam_beta2), eps=tc.adam_eps, weight_decay=0.0)
-            self.optimizer = torch.optim.Adam(self.params, **kw, **({"fused": True} if opts.fused_adam
-                                                                     else {"foreach": True}))
-        self.precision = resolve_precision(opts.precision, device)
-        self.train_model = torch.compile(model) if opts.compile else model
+            optimizer = torch.optim.Adam(params, **kw, **({"fused": True} if opts.fused_adam else {"foreach": True}))
+        self.parts = TrainParts(cfg=Config(model=shape, train=tc), model=model.train(),
+                                train_model=torch.compile(model) if opts.compile else model, diffusion=diffusion,
+                                ema=EMA(model, tc.ema_decay), optimizer=optimizer,
+                                t_sampler=make_t_sampler("uniform", diffusion.num_timesteps),
+                                precision=resolve_precision(opts.precision, device), device=device)
         # as the trainer does: routed for the whole run (this model copy is this variant's own)
-        self._winograd = winograd_convs(model, enabled=opts.winograd, autograd=True)
+        self._winograd = winograd_convs(model, enabled=opts.winograd is not False, autograd=True,
+                                        autotune=None if opts.winograd is None else False)
         self._winograd.__enter__()
-        self.g_t = torch.Generator(device="cpu")
-        self.g_noise = torch.Generator(device=device)
         self.step = 0
         self.last_loss: torch.Tensor | None = None
 
     def __call__(self) -> None:
-        from ddpm.train.optim import apply_update, grad_norm_and_clip, set_lr
+        from ddpm.training.step import Batch, train_step
 
-        tc, prec, B = self.tc, self.precision, self.x0.shape[0]
-        set_lr(self.optimizer, tc.lr)  # the trainer sets the warmed-up LR before every step
-        self.g_t.manual_seed(1000 + self.step)
-        t = torch.randint(0, self.diffusion.num_timesteps, (B,), generator=self.g_t).to(self.device)
-        self.g_noise.manual_seed(2000 + self.step)
-        noise = torch.randn(self.x0.shape, generator=self.g_noise, device=self.device)
-        if self.opts.channels_last:
-            noise = noise.contiguous(memory_format=torch.channels_last)
-        self.optimizer.zero_grad(set_to_none=True)
-        with prec.autocast():
-            losses = self.diffusion.training_losses(self.train_model, self.x0, t, noise=noise)
-        loss = losses.float().mean()
-        (prec.scaler.scale(loss) if prec.scaler is not None else loss).backward()
-        if prec.scaler is not None:
-            prec.scaler.unscale_(self.optimizer)
-        norm = grad_norm_and_clip(self.params, tc.grad_clip)
-        host = torch.stack([loss.detach().double(), norm.detach().double()]).cpu()  # the trainer's one sync
-        finite = bool(torch.isfinite(host).all())
-        apply_update(self.optimizer, prec.scaler, finite)
-        if finite:
-            self.ema.update(self.model)
-        self.last_loss = host[0]
+        result = train_step(self.parts, Batch(self.x0), self.step)
+        self.last_loss = result.stats[0] / result.stats[1]
         self.step += 1
 
 
@@ -187,13 +174,17 @@ class SampleOptions:
     compile: bool = False
     cuda_graph: bool = False
     amp_dtype: torch.dtype | None = None
-    winograd: bool | None = None  # None: sample()'s default (Winograd for eager fp32 CPU runs)
+    # None: sample()'s default (autotuned on the CPU: Winograd where timing finds it faster);
+    # True: Winograd for every conv with >= 128 channels, untimed (DDPM_AUTOTUNE=0 for the call)
+    winograd: bool | None = None
 
     def label(self) -> str:
         parts = ["bf16" if self.amp_dtype == torch.bfloat16 else "fp16" if self.amp_dtype == torch.float16 else "fp32"]
         parts.append({False: "NCHW", True: "channels_last", None: "auto layout"}[self.channels_last])
         if self.winograd:
             parts.append("Winograd")
+        elif self.winograd is None and self.amp_dtype is None and not self.compile:
+            parts.append("conv auto")
         if self.compile:
             parts.append("compile")
         if self.cuda_graph:
@@ -213,12 +204,34 @@ class OursSampler:
 
     def __call__(self) -> None:
         from ddpm.sampling import sample
+        from ddpm.speed import Speed
 
         o = self.opts
-        self.last = sample(self.diffusion, self.model, self.shape, self.seeds, device=self.device,
-                           steps=None if self.steps == self.diffusion.num_timesteps else self.steps,
-                           amp_dtype=o.amp_dtype, compile=o.compile, channels_last=o.channels_last,
-                           cuda_graph=o.cuda_graph, winograd=o.winograd)
+        speed = Speed(compile=o.compile, channels_last=o.channels_last, cuda_graph=o.cuda_graph, winograd=o.winograd)
+        with _static_routing(bool(o.winograd)):
+            self.last = sample(self.diffusion, self.model, self.shape, self.seeds, device=self.device,
+                               steps=None if self.steps == self.diffusion.num_timesteps else self.steps,
+                               amp_dtype=o.amp_dtype, speed=speed)
+
+
+@contextlib.contextmanager
+def _static_routing(on: bool):
+    """``DDPM_AUTOTUNE=0`` for the block when ``on`` (forced Winograd: the static rule, untimed)."""
+    import os
+
+    from ddpm import autotune
+
+    old = os.environ.get(autotune.ENV_SWITCH)
+    if on:
+        os.environ[autotune.ENV_SWITCH] = "0"
+    try:
+        yield
+    finally:
+        if on:
+            if old is None:
+                os.environ.pop(autotune.ENV_SWITCH, None)
+            else:
+                os.environ[autotune.ENV_SWITCH] = old
 
 
 class TheirsSampler:

@@ -26,3 +26,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_autotune_no_home_cache(tmp_path_factory):
+    """Routing must not depend on timings in tests, and tests never write to the user's cache:
+    ``DDPM_AUTOTUNE=0`` (the static routing rules of ddpm.winograd / ddpm.fast) and a temporary
+    ``DDPM_CACHE_DIR`` for the whole session (CLI subprocesses inherit both). The autotune tests
+    turn it on themselves, with a replaced timer (tests/test_autotune.py)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DDPM_AUTOTUNE", "0")
+    mp.setenv("DDPM_CACHE_DIR", str(tmp_path_factory.mktemp("ddpm_cache")))
+    yield
+    mp.undo()

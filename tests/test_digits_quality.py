@@ -111,3 +111,24 @@ def test_reference_numbers(cache):
     assert ref["test_accuracy"] > 0.93
     assert abs(ref["test_vs_test"]["fd"]) < 1e-6
     assert ref["train_vs_test"]["fd"] < 0.05 * ref["noise_vs_test"]["fd"]
+
+
+def test_agreement_with_requested_labels(cache):
+    """Real test digits with their true labels agree at the classifier's test accuracy; with every
+    label shifted by one they almost never agree; per-class numbers average to the overall one."""
+    x, y = load_images("digits", "test", 8, 1), digits_labels("test")
+    clf = dq.load_classifier(cache)
+    true = dq.digits_quality(x, cache, labels=y)
+    assert true["agreement"] == pytest.approx(float(clf["test_accuracy"]))
+    counts = np.bincount(y, minlength=10)
+    per = np.array(true["agreement_per_class"])
+    assert np.average(per, weights=counts) == pytest.approx(true["agreement"])
+    shifted = dq.digits_quality(x, cache, labels=(y + 1) % 10)
+    assert shifted["agreement"] < 0.1
+    assert "agreement" not in dq.digits_quality(x, cache)
+    part = dq.digits_quality(x[y < 3], cache, labels=y[y < 3])
+    assert part["agreement_per_class"][3:] == [None] * 7
+    with pytest.raises(DataError, match="label 10 is outside"):
+        dq.digits_quality(x[:4], cache, labels=np.array([0, 1, 2, 10]))
+    with pytest.raises(DataError, match="3 labels for 4 samples"):
+        dq.digits_quality(x[:4], cache, labels=np.array([0, 1, 2]))

@@ -13,6 +13,7 @@ from ddpm.diffusion import GaussianDiffusion
 from ddpm.fast import FastModel, channels_last, to_channels_last, wants_channels_last
 from ddpm.nets.unet import UNet
 from ddpm.sampling import interpolate, sample, sample_chains, sample_progressive
+from ddpm.speed import Speed
 from ddpm.schedule import get_beta_schedule
 
 T = 8
@@ -114,28 +115,28 @@ def test_fast_model_leaves_plain_callables_and_other_devices_alone():
 def test_sample_channels_last_matches_plain_and_restores_model(kw):
     m, d = _tiny(), _diffusion()
     snap = _snapshot(m)
-    plain = sample(d, m, SHAPE, SEEDS, channels_last=False, **kw)
-    fast = sample(d, m, SHAPE, SEEDS, channels_last=True, **kw)
+    plain = sample(d, m, SHAPE, SEEDS, speed=Speed(channels_last=False), **kw)
+    fast = sample(d, m, SHAPE, SEEDS, speed=Speed(channels_last=True), **kw)
     _assert_unchanged(m, snap)
     assert fast.is_contiguous() and fast.dtype == torch.float32
     torch.testing.assert_close(fast, plain, rtol=0, atol=1e-4)
-    other = sample(d, _tiny(seed=5), SHAPE, SEEDS, channels_last=True, **kw)
+    other = sample(d, _tiny(seed=5), SHAPE, SEEDS, speed=Speed(channels_last=True), **kw)
     assert (other - fast).abs().max() > 1e-2  # a different network gives different samples
 
 
 def test_progressive_chains_interpolate_channels_last_match_plain():
     m, d = _tiny(), _diffusion()
-    f1, xs1, ts1 = sample_progressive(d, m, SHAPE, SEEDS, every=3, channels_last=False)
-    f2, xs2, ts2 = sample_progressive(d, m, SHAPE, SEEDS, every=3, channels_last=True)
+    f1, xs1, ts1 = sample_progressive(d, m, SHAPE, SEEDS, every=3, speed=Speed(channels_last=False))
+    f2, xs2, ts2 = sample_progressive(d, m, SHAPE, SEEDS, every=3, speed=Speed(channels_last=True))
     assert ts1 == ts2
     torch.testing.assert_close(xs2, xs1, rtol=0, atol=1e-4)
     torch.testing.assert_close(f2, f1, rtol=0, atol=1e-4)
-    c1 = sample_chains(d, m, SHAPE, seed=2, n=2, split_steps=(0, 4), channels_last=False)
-    c2 = sample_chains(d, m, SHAPE, seed=2, n=2, split_steps=(0, 4), channels_last=True)
+    c1 = sample_chains(d, m, SHAPE, seed=2, n=2, split_steps=(0, 4), speed=Speed(channels_last=False))
+    c2 = sample_chains(d, m, SHAPE, seed=2, n=2, split_steps=(0, 4), speed=Speed(channels_last=True))
     torch.testing.assert_close(c2, c1, rtol=0, atol=1e-4)
     a, b = torch.rand(*SHAPE) * 2 - 1, torch.rand(*SHAPE) * 2 - 1
-    i1 = interpolate(d, m, a, b, t=5, lambdas=[0.0, 0.5, 1.0], seed=1, channels_last=False)
-    i2 = interpolate(d, m, a, b, t=5, lambdas=[0.0, 0.5, 1.0], seed=1, channels_last=True)
+    i1 = interpolate(d, m, a, b, t=5, lambdas=[0.0, 0.5, 1.0], seed=1, speed=Speed(channels_last=False))
+    i2 = interpolate(d, m, a, b, t=5, lambdas=[0.0, 0.5, 1.0], seed=1, speed=Speed(channels_last=True))
     torch.testing.assert_close(i2, i1, rtol=0, atol=1e-4)
 
 
@@ -216,11 +217,11 @@ def test_sample_compile_matches_eager_and_compiles_once():
     snap = _snapshot(m)
     eager = sample(d, m, SHAPE, SEEDS)
     before = counters["stats"]["unique_graphs"]
-    comp = sample(d, m, SHAPE, SEEDS, compile=True)
+    comp = sample(d, m, SHAPE, SEEDS, speed=Speed(compile=True))
     compiled_graphs = counters["stats"]["unique_graphs"] - before
     assert compiled_graphs >= 1
     torch.testing.assert_close(comp, eager, rtol=0, atol=1e-4)
-    again = sample(d, m, SHAPE, SEEDS, compile=True)
+    again = sample(d, m, SHAPE, SEEDS, speed=Speed(compile=True))
     assert counters["stats"]["unique_graphs"] - before == compiled_graphs  # no recompilation
     assert torch.equal(again, comp)
     _assert_unchanged(m, snap)
@@ -235,8 +236,8 @@ gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("amp", [None, torch.bfloat16], ids=["fp32", "bf16"])
 def test_cuda_graph_sampling_matches_eager(amp):
     m, d = _tiny().cuda(), _diffusion()
-    eager = sample(d, m, SHAPE, SEEDS, device="cuda", amp_dtype=amp, channels_last=False)
-    graphed = sample(d, m, SHAPE, SEEDS, device="cuda", amp_dtype=amp, cuda_graph=True)
+    eager = sample(d, m, SHAPE, SEEDS, device="cuda", amp_dtype=amp, speed=Speed(channels_last=False))
+    graphed = sample(d, m, SHAPE, SEEDS, device="cuda", amp_dtype=amp, speed=Speed(cuda_graph=True))
     tol = 1e-4 if amp is None else 0.05
     torch.testing.assert_close(graphed, eager, rtol=0, atol=tol)
     x, t = torch.randn(3, *SHAPE, device="cuda"), torch.tensor([0, 5, 7], device="cuda")
@@ -254,20 +255,23 @@ def test_cuda_sampling_loop_makes_no_host_sync():
     """The reverse loop (network, step, noise) never waits for the GPU: coefficients are
     pre-gathered on the device and nothing is read back until the final copy to the host."""
     from ddpm.rng import ImageNoise
-    from ddpm.sampling import Stepper, _run_chain, _t_rows
+    from ddpm import samplers
+    from ddpm.samplers.base import Denoiser
+    from ddpm.sampling import make_chain
 
     m, d = _tiny().cuda(), _diffusion()
-    stepper = Stepper(d, "cuda")
     noise = ImageNoise(SEEDS, SHAPE, "cuda")
     x = noise.next()
     fm = FastModel(m, "cuda", cuda_graph=True)
-    rows = _t_rows(range(T), len(SEEDS), "cuda")
+    chain = make_chain(d, "cuda")
     with torch.inference_mode(), channels_last(m):
-        fm(x, rows[0])  # the graph is captured before the check (capturing may sync)
+        units = [samplers.get(name)(chain) for name in samplers.names()]  # every sampler's tables, made
+        denoise = Denoiser(fm, chain, len(SEEDS))
+        denoise(x, T - 1)  # the graph is captured before the check (capturing may sync)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            out = _run_chain(stepper, fm, x, noise, rows, T - 1, None)
+            out = torch.stack([u.run(denoise, x, noise) for u in units])
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out).all()
@@ -278,8 +282,8 @@ def test_cuda_sampling_loop_makes_no_host_sync():
 @gpu
 def test_cuda_compile_reduce_overhead_sampling_matches_eager():
     m, d = _tiny().cuda(), _diffusion(4)
-    eager = sample(d, m, SHAPE, SEEDS, device="cuda", channels_last=False)
-    comp = sample(d, m, SHAPE, SEEDS, device="cuda", compile=True, cuda_graph=True)
+    eager = sample(d, m, SHAPE, SEEDS, device="cuda", speed=Speed(channels_last=False))
+    comp = sample(d, m, SHAPE, SEEDS, device="cuda", speed=Speed(compile=True, cuda_graph=True))
     torch.testing.assert_close(comp, eager, rtol=0, atol=1e-4)
 
 
@@ -341,3 +345,28 @@ def test_bench_ours_and_diffusers_run_the_same_network_and_steps():
     assert torch.isfinite(theirs_step.last_loss)
     # the same kind of loss: L_simple of a near-identity network is ~ E[eps^2] ~ 1 for both
     assert 0.2 < float(step.last_loss) < 5 and 0.2 < float(theirs_step.last_loss) < 5
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_script_dry_run(tmp_path):
+    """benchmarks/gpu.py (what benchmarks/gpu.sh runs on a GPU) end to end on the CPU with a tiny
+    U-Net: every variant runs, the JSON names the device and holds finite timings and ratios."""
+    pytest.importorskip("diffusers")
+    import json
+    import math
+
+    _bench_modules()
+    import gpu
+
+    out = tmp_path / "gpu.json"
+    assert gpu.main(["--dry-run", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["meta"]["dry_run"] and res["meta"]["device"] == "cpu" and res["meta"]["device_name"]
+    tr, sa = res["train"], res["sample"]
+    assert {"diffusers_bf16", "diffusers_fp32", "ours_bf16_fused"} <= set(tr["variants"])
+    assert {"diffusers_bf16", "diffusers_fp32", "ours_fp32_graph", "ours_bf16_graph"} <= set(sa["variants"])
+    assert all(math.isfinite(v["last_loss"]) for v in tr["variants"].values())
+    assert all(v["finite"] for v in sa["variants"].values())
+    assert tr["x_vs_diffusers_bf16"] > 0 and sa["x_vs_diffusers_bf16"] > 0
+    key = f"seconds_{sa['batch']}x{sa['num_timesteps']}"
+    assert sa[f"ours_best_{key}"] == min(v[key] for k, v in sa["variants"].items() if k.startswith("ours"))

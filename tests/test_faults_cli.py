@@ -39,7 +39,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     """A real run folder: 2 training steps of the tiny config (of total_steps=4), one checkpoint."""
-    from ddpm.train.loop import train
+    from ddpm.training.loop import train
 
     cfg = apply_overrides(_tiny_cfg(), ["train.total_steps=2", "train.keep_last=1"])
     run = tmp_path_factory.mktemp("cli_faults") / "run"

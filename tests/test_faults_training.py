@@ -43,7 +43,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _train(cfg, out: Path, resume=None):
-    from ddpm.train.loop import train
+    from ddpm.training.loop import train
 
     lines: list[str] = []
     result = train(cfg, out, resume=resume, device="cpu", progress=False, log=lines.append)

@@ -156,6 +156,71 @@ def test_round_trip_is_exact(tmp_path):
     assert meta["kind"] == "weights" and meta["step"] == 0 and meta["source"]["format"] == "diffusers"
 
 
+# ---------------------------------------------------------------------------------------------- class-conditional
+
+COND_CONFIG = dict(CIFAR_CONFIG, sample_size=16, block_out_channels=[32, 64, 64], layers_per_block=1,
+                   down_block_types=["DownBlock2D", "AttnDownBlock2D", "DownBlock2D"],
+                   up_block_types=["UpBlock2D", "AttnUpBlock2D", "UpBlock2D"], num_class_embeds=5)  # 4 classes + null
+
+
+def _cond_diff(theirs, ours, y, t, dtype) -> float:
+    """max |UNet2DModel(x, t, class_labels=y) - UNet(x, t, y)| over a batch, in ``dtype``."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(len(y), 3, 16, 16, generator=g, dtype=torch.float64).to(dtype)
+    theirs, ours = theirs.to(dtype), ours.to(dtype)
+    with torch.no_grad():
+        a = theirs(x, torch.tensor(t), class_labels=torch.tensor(y)).sample
+        b = ours(x, torch.tensor(t), torch.tensor(y))
+    assert a.shape == b.shape == x.shape
+    return (a - b).abs().max().item(), a.abs().max().item()
+
+
+def _cond_checks(theirs, ours) -> None:
+    # 1. float64 at t = 0, where both sinusoids are exact (sin 0 = 0, cos 0 = 1) however their
+    #    frequencies round: the networks then differ only by float64 summation order, each output
+    #    a chain of ~40 layers whose reductions are at most 9 * 128 long: |diff| <= 2^-53 * 40 *
+    #    1152 * (max |out| + 1) (a bound, not this machine's value). A class table added anywhere
+    #    else (before the MLP, after the swish) or a shifted row moves the output by O(0.01).
+    y = [0, 1, 2, 3, 4, 2]
+    diff, scale = _cond_diff(theirs, ours, y, [0] * len(y), torch.float64)
+    assert diff <= 2.0 ** -53 * 40 * 1152 * (scale + 1.0), diff
+    # 2. float32 over the whole range of t, at the converter's usual bound (the two sinusoids
+    #    round their fp32 phases t * f differently: up to ~1e-4 at t = 999).
+    diff, _ = _cond_diff(theirs, ours, [4, 0, 3, 1], TIMESTEPS, torch.float32)
+    assert diff <= 1e-4, diff
+
+
+def test_conditional_from_diffusers_matches_unet2dmodel_with_class_labels(tmp_path):
+    torch.manual_seed(0)
+    theirs = _diffusers_unet(COND_CONFIG).double()
+    theirs.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    out = from_diffusers_dir(tmp_path / "hf", tmp_path / "ours.safetensors")
+    loaded = ddpm.load(out, device="cpu")
+    assert loaded.config.model.num_classes == 4 and loaded.model.num_classes == 4
+    assert tuple(loaded.model.class_emb.weight.shape) == (5, 128)
+    _cond_checks(theirs, loaded.model.double())
+
+
+def test_conditional_to_diffusers_matches_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    mc = ModelConfig(resolution=16, in_channels=3, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(8,),
+                     dropout=0.0, num_classes=4)
+    cfg = Config(preset="test", model=mc, diffusion=DiffusionConfig(var_type="fixedlarge")).validate()
+    ours = _perturb(UNet.from_config(mc, cfg.out_channels)).eval()
+    _write_ours(tmp_path / "a.safetensors", ours, cfg)
+    out = to_diffusers_dir(tmp_path / "a.safetensors", tmp_path / "hf")
+    conf = json.loads((out / "config.json").read_text())
+    assert conf["num_class_embeds"] == 5 and conf["class_embed_type"] is None
+    theirs = UNet2DModel.from_pretrained(out).eval()
+    assert tuple(theirs.class_embedding.weight.shape) == (5, 128)
+    _cond_checks(theirs.double(), ours.double())
+    from_diffusers_dir(out, tmp_path / "b.safetensors")
+    a, _ = load_checkpoint(tmp_path / "a.safetensors")
+    b, meta = load_checkpoint(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert Config.from_dict(meta["config"]).model == mc
+
+
 # ---------------------------------------------------------------------------------------------- state dicts
 
 
@@ -207,7 +272,7 @@ def test_cifar_config_translates():
     ("flip_sin_to_cos", True), ("freq_shift", 0), ("time_embedding_type", "fourier"), ("norm_eps", 1e-5),
     ("norm_num_groups", 16), ("act_fn", "gelu"), ("downsample_padding", 1), ("resnet_time_scale_shift", "scale_shift"),
     ("attention_head_dim", 8), ("center_input_sample", True), ("class_embed_type", "timestep"),
-    ("num_class_embeds", 10), ("add_attention", False), ("mid_block_scale_factor", 2), ("downsample_type", "resnet"),
+    ("num_class_embeds", 1), ("add_attention", False), ("mid_block_scale_factor", 2), ("downsample_type", "resnet"),
     ("upsample_type", "resnet"), ("mid_block_type", "UNetMidBlock2DCrossAttn"), ("time_embedding_dim", 256),
     ("up_block_types", ["UpBlock2D", "AttnUpBlock2D", "UpBlock2D", "UpBlock2D"]),
     ("down_block_types", ["DownBlock2D", "SkipDownBlock2D", "DownBlock2D", "DownBlock2D"]),

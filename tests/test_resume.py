@@ -26,7 +26,7 @@ def tiny_config(dropout: float = 0.1, T: int = 20, **train) -> Config:
 
 
 def run(cfg: Config, out: Path, resume=None, log=None):
-    from ddpm.train import train
+    from ddpm.training import train
 
     return train(cfg, out, resume=resume, device="cpu", progress=False,
                  log=(log.append if log is not None else (lambda m: None)))
@@ -72,7 +72,7 @@ def test_resume_is_bit_identical_with_dropout_and_flips(tmp_path):
 
 def test_resume_without_restoring_rng_would_differ(tmp_path, monkeypatch):
     # The exactness test above can fail: skipping the RNG restore changes dropout masks.
-    import ddpm.train.loop as loop
+    import ddpm.training.loop as loop
 
     monkeypatch.setattr(loop.torch, "set_rng_state", lambda state: None)
     a, b, _ = _straight_vs_split(tiny_config(dropout=0.1), 4, tmp_path)

@@ -129,7 +129,7 @@ def test_respacing_all_steps_reproduces_the_plain_sampler_exactly():
         d = make(var_type=var_type, loss_type=loss)
         model = Toy(d.model_output_channels(1))
         plain = sample(d, model, (1, 4, 4), [1, 2])
-        for spacing in ("trailing", "leading", "linspace"):
+        for spacing in ("trailing", "leading", "linspace", "quadratic", "logsnr"):
             assert torch.equal(sample(d, model, (1, 4, 4), [1, 2], steps=T, spacing=spacing), plain)
     spaced, tmap = respace(make(), range(T))
     np.testing.assert_array_equal(spaced.betas, BETAS)
@@ -156,9 +156,13 @@ def test_space_timesteps_formulas():
     assert space_timesteps(1000, 10, "trailing") == [99, 199, 299, 399, 499, 599, 699, 799, 899, 999]
     assert space_timesteps(1000, 10, "leading") == [0, 100, 200, 300, 400, 500, 600, 700, 800, 900]
     assert space_timesteps(1000, 10, "linspace") == [0, 111, 222, 333, 444, 555, 666, 777, 888, 999]
+    # quadratic: DDIM's round(linspace(0, sqrt(0.8 T), K)^2); logsnr: both ends of the chain
+    assert space_timesteps(1000, 5, "quadratic") == [0, 50, 200, 450, 800]
+    abar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    assert space_timesteps(1000, 5, "logsnr", abar)[::4] == [0, 999]
     for steps in (1, 3, 7, 50, 333, 999, 1000):
-        for spacing in ("trailing", "leading", "linspace"):
-            kept = space_timesteps(1000, steps, spacing)
+        for spacing in ("trailing", "leading", "linspace", "quadratic", "logsnr"):
+            kept = space_timesteps(1000, steps, spacing, abar)
             assert len(kept) == steps and kept == sorted(set(kept)) and 0 <= kept[0] and kept[-1] <= 999
         assert space_timesteps(1000, steps, "trailing")[-1] == 999
     with pytest.raises(ValueError, match="1..1000"):

@@ -14,9 +14,9 @@ import torch
 
 from ddpm.checkpoint import list_checkpoints, load_checkpoint, split_prefix
 from ddpm.config import Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig
-from ddpm.train.ema import EMA
-from ddpm.train.optim import grad_norm_and_clip, warmup_lr
-from ddpm.train.tsampler import LossSecondMomentSampler, UniformSampler
+from ddpm.training.ema import EMA
+from ddpm.training.optim import grad_norm_and_clip, warmup_lr
+from ddpm.training.tsampler import LossSecondMomentSampler, UniformSampler
 
 TINY_MODEL = ModelConfig(resolution=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1,
                          attn_resolutions=(4,), dropout=0.0)
@@ -33,7 +33,7 @@ def tiny_config(**train) -> Config:
 
 
 def run(cfg: Config, out: Path, resume=None, log=None):
-    from ddpm.train import train
+    from ddpm.training import train
 
     msgs = [] if log is None else log
     return train(cfg, out, resume=resume, device="cpu", progress=False, log=msgs.append)
@@ -127,7 +127,7 @@ def test_grad_norm_and_clip():
 
 
 def test_trainer_clips_at_train_grad_clip(tmp_path, monkeypatch):
-    import ddpm.train.loop as loop
+    import ddpm.training.step as step
 
     seen = []
 
@@ -137,7 +137,7 @@ def test_trainer_clips_at_train_grad_clip(tmp_path, monkeypatch):
         seen.append((max_norm, float(norm), float(after)))
         return norm
 
-    monkeypatch.setattr(loop, "grad_norm_and_clip", spy)
+    monkeypatch.setattr(step, "grad_norm_and_clip", spy)
     run(tiny_config(total_steps=2, grad_clip=0.05), tmp_path)
     assert [s[0] for s in seen] == [0.05, 0.05]
     for _, before, after in seen:
@@ -344,3 +344,68 @@ def test_mixed_precision_on_cpu_trains_in_fp32_weights(tmp_path, precision):
     # autocast really ran: the update differs from fp32's, but only slightly (~ one Adam step of lr)
     diffs = [float((tensors[k] - fp32[k]).abs().max()) for k in fp32 if k.startswith("model/")]
     assert max(diffs) > 0 and max(diffs) < 2 * 1e-3 * 2
+
+
+# ---------------------------------------------------------------------------------------------- train_step alone
+
+class _LabelNet(torch.nn.Module):
+    """eps-prediction from x, t and a per-example label y (an embedding added to a 1x1 conv);
+    records the labels each call received."""
+
+    def __init__(self, num_classes: int = 8):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(1, 1, 1)
+        self.emb = torch.nn.Embedding(num_classes, 1)
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x, t, y=None):
+        self.seen.append(None if y is None else y.clone())
+        out = self.conv(x)
+        return out if y is None else out + self.emb(y)[:, :, None, None]
+
+
+def _parts(model, **train):
+    from ddpm.diffusion import GaussianDiffusion
+    from ddpm.training.optim import make_optimizer
+    from ddpm.training.precision import resolve_precision
+    from ddpm.training.step import TrainParts
+    from ddpm.training.tsampler import make_t_sampler
+
+    cfg = tiny_config(warmup_steps=0, **train)
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+    return TrainParts(cfg=cfg, model=model, train_model=model, diffusion=diffusion, ema=EMA(model, 0.5),
+                      optimizer=make_optimizer(list(model.parameters()), cfg.train, torch.device("cpu")),
+                      t_sampler=make_t_sampler("uniform", diffusion.num_timesteps),
+                      precision=resolve_precision("fp32", torch.device("cpu")), device=torch.device("cpu"))
+
+
+def test_train_step_passes_each_micro_batch_its_slice_of_model_kwargs():
+    from ddpm.training.step import Batch, train_step
+
+    net = _LabelNet()
+    parts = _parts(net, grad_accum=2)
+    y = torch.tensor([3, 1, 4, 1, 5, 2, 6, 0])
+    before = net.emb.weight.detach().clone()
+    result = train_step(parts, Batch(torch.rand(8, 1, 8, 8) * 2 - 1, {"y": y}), step=0)
+    assert result.applied and result.lr == pytest.approx(1e-3)
+    assert [s.tolist() for s in net.seen] == [y[:4].tolist(), y[4:].tolist()]
+    # the labels reached the loss: exactly the rows of the labels used got a gradient and moved
+    moved = (net.emb.weight.detach() != before).any(dim=1)
+    assert moved.tolist() == [i in set(y.tolist()) for i in range(8)]
+    # without kwargs the network is called as model(x, t)
+    net.seen.clear()
+    train_step(parts, Batch(torch.rand(8, 1, 8, 8) * 2 - 1), step=1)
+    assert net.seen == [None, None]
+
+
+def test_train_step_draws_depend_on_the_step_index_only():
+    """Same step index, same t/noise (so the same loss from the same state); another index differs.
+    (The loss, not the update: Adam's first update is lr·sign(gradient) almost everywhere.)"""
+    from ddpm.training.step import Batch, train_step
+
+    x0 = torch.rand(8, 1, 8, 8) * 2 - 1
+    losses = []
+    for step in (5, 5, 6):
+        torch.manual_seed(0)
+        losses.append(train_step(_parts(_LabelNet()), Batch(x0), step=step).stats)
+    assert torch.equal(losses[0], losses[1]) and not torch.equal(losses[0], losses[2])

@@ -64,7 +64,7 @@ def test_presets_match_run_configs_and_arguments():
     with torch.device("meta"):
         assert UNet.from_preset("28").config == dict(in_channels=1, out_channels=1, ch=64, ch_mult=(1, 2, 2),
                                                      num_res_blocks=2, attn_resolutions=(14,), dropout=0.0,
-                                                     resolution=28)
+                                                     resolution=28, num_classes=0)
         m64 = UNet.from_preset("64")
         assert (m64.config["resolution"], m64.config["ch_mult"], m64.config["attn_resolutions"]) == (64, (1, 2, 2, 2), (16,))
         cifar = UNet.from_preset("cifar10", dropout=0.0, out_channels=6)
@@ -292,6 +292,69 @@ def test_from_config_builds_what_the_config_says():
                      dropout=0.2)
     m = UNet.from_config(mc, 6)
     assert m.config == dict(in_channels=3, out_channels=6, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
-                            attn_resolutions=(8,), dropout=0.2, resolution=16)
+                            attn_resolutions=(8,), dropout=0.2, resolution=16, num_classes=0)
     assert [len(lvl.attn) for lvl in m.down] == [0, 1, 0]
     assert m.conv_out.out_channels == 6
+    assert not hasattr(m, "class_emb") and m.num_classes == 0
+    cond = UNet.from_config(ModelConfig(resolution=8, in_channels=1, ch=32, ch_mult=(1, 2), num_classes=7), 1)
+    assert cond.num_classes == 7 and tuple(cond.class_emb.weight.shape) == (8, 4 * 32)  # 7 classes + null
+
+
+# ---------------------------------------------------------------------------------------------- classes
+
+
+def test_class_embedding_is_built_last_and_only_adds_a_table():
+    """A conditional network draws every other weight exactly as the unconditional one (same seed),
+    so its state dict is the unconditional one plus ``class_emb.weight`` [C + 1, 4ch]."""
+    torch.manual_seed(3)
+    plain = _tiny()
+    torch.manual_seed(3)
+    cond = _tiny(num_classes=5)
+    a, b = plain.state_dict(), cond.state_dict()
+    assert set(b) - set(a) == {"class_emb.weight"} and set(a) <= set(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert tuple(b["class_emb.weight"].shape) == (6, 4 * 32)
+
+
+def test_class_labels_condition_the_output_and_none_is_the_null_label():
+    torch.manual_seed(0)
+    m = _perturb(_tiny(num_classes=3)).eval()
+    x, t = torch.randn(4, 3, 8, 8), torch.tensor([0, 5, 50, 999])
+    with torch.no_grad():
+        outs = [m(x, t, torch.full((4,), k)) for k in range(4)]  # 3 classes and the null label
+        null = m(x, t)
+        scalar = m(x, t, torch.tensor(1))
+    for i in range(4):
+        for j in range(i):
+            assert (outs[i] - outs[j]).abs().max() > 1e-3  # each label moves the output
+    torch.testing.assert_close(null, outs[3], rtol=0, atol=0)
+    torch.testing.assert_close(scalar, outs[1], rtol=0, atol=0)
+    # per-image labels: image k of a mixed batch is image k of the batch with its own label
+    y = torch.tensor([2, 0, 3, 1])
+    with torch.no_grad():
+        mixed = m(x, t, y)
+    for k in range(4):
+        torch.testing.assert_close(mixed[k], outs[int(y[k])][k], rtol=0, atol=1e-6)
+
+
+def test_zero_class_row_gives_the_unconditional_network_exactly():
+    """The embedding is added to the time embedding: a zero row adds exactly nothing."""
+    torch.manual_seed(4)
+    plain = _perturb(_tiny()).eval()
+    cond = _tiny(num_classes=2).eval()
+    cond.load_state_dict(dict(plain.state_dict(), **{"class_emb.weight": torch.zeros(3, 128)}))
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
+    with torch.no_grad():
+        torch.testing.assert_close(cond(x, t, torch.tensor([0, 1])), plain(x, t), rtol=0, atol=0)
+
+
+def test_class_embedding_gets_gradients_and_labels_are_refused_without_classes():
+    m = _tiny(num_classes=2)
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 7])
+    m(x, t, torch.tensor([0, 2])).square().sum().backward()
+    g = m.class_emb.weight.grad
+    assert g[0].abs().sum() > 0 and g[2].abs().sum() > 0 and g[1].abs().sum() == 0  # only the used rows
+    with pytest.raises(ValueError, match="unconditional"):
+        _tiny()(x, t, torch.tensor([0, 1]))
+    with pytest.raises(ConfigError, match="num_classes"):
+        _tiny(num_classes=-1)

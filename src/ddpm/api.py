@@ -17,7 +17,9 @@ import torch
 
 from .checkpoint import load_checkpoint, resolve_checkpoint, split_prefix
 from .config import Config
+from .distributed import choose_device
 from .errors import CheckpointError, ConfigError, UserError
+from .weights import load_state_strict  # noqa: F401 (re-exported for callers of ddpm.api)
 
 
 class Loaded(NamedTuple):
@@ -27,10 +29,6 @@ class Loaded(NamedTuple):
     diffusion: Any  # ddpm.diffusion.GaussianDiffusion
     config: Config
     meta: dict
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def build(cfg: Config, device: str | torch.device | None = None):
@@ -44,25 +42,6 @@ def build(cfg: Config, device: str | torch.device | None = None):
     return model, GaussianDiffusion.from_config(cfg.diffusion)
 
 
-def load_state_strict(model: torch.nn.Module, state: dict, path: os.PathLike | str) -> None:
-    """``load_state_dict(strict=True)`` with a message that names the file and the first mismatches."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if shapes:
-            parts.append("shape mismatch: " + "; ".join(shapes[:3]))
-        if missing:
-            parts.append("missing keys: " + ", ".join(missing[:3]))
-        if unexpected:
-            parts.append("unexpected keys: " + ", ".join(unexpected[:3]))
-        raise CheckpointError(f"{path}: weights do not fit this model config ({' | '.join(parts)})")
-    model.load_state_dict(state, strict=True)
-
-
 def load_weights(path: str | os.PathLike, weights: str = "ema") -> tuple[Path, dict, Config, dict]:
     """Read one set of weights and the config from a checkpoint file or run folder.
 
@@ -73,8 +52,7 @@ def load_weights(path: str | os.PathLike, weights: str = "ema") -> tuple[Path, d
     """
     if weights not in ("ema", "model"):
         raise UserError(f"weights must be 'ema' or 'model', got {weights!r}")
-    file = resolve_checkpoint(path)
-    tensors, meta = load_checkpoint(file, prefixes=[f"{weights}/"])
+    file, tensors, meta = _read_newest(path, weights)
     if "config" not in meta:
         raise CheckpointError(f"{file}: checkpoint carries no config")
     try:
@@ -86,6 +64,26 @@ def load_weights(path: str | os.PathLike, weights: str = "ema") -> tuple[Path, d
         raise CheckpointError(f"{file}: no '{weights}' weights in this checkpoint"
                               + ("; try weights='model'" if weights == "ema" else ""))
     return file, state, cfg, meta
+
+
+# A trainer may rotate the checkpoint a reader just resolved out of existence (keep_last) before
+# the reader opens it; the reader then takes the newer one. Files are renamed into place
+# complete, so whatever is read is never torn.
+_READ_TRIES = 20
+
+
+def _read_newest(path: str | os.PathLike, weights: str) -> tuple[Path, dict, dict]:
+    """(file, tensors, meta) of the checkpoint ``path`` names, re-resolving a run folder when a
+    training process deleted the resolved file in the meantime."""
+    for attempt in range(_READ_TRIES):
+        file = resolve_checkpoint(path)
+        try:
+            return (file, *load_checkpoint(file, prefixes=[f"{weights}/"]))
+        except CheckpointError:
+            if Path(path).is_dir() and not file.exists() and attempt < _READ_TRIES - 1:
+                continue
+            raise
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 def load(path: str | os.PathLike, device: str | torch.device | None = None, weights: str = "ema") -> Loaded:
@@ -104,13 +102,13 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, weig
     file, state, cfg, meta = load_weights(path, weights)
     model = UNet.from_config(cfg.model, cfg.out_channels)
     load_state_strict(model, state, file)
-    dev = torch.device(device) if device is not None else default_device()
+    dev = choose_device(device)
     model = model.to(dev).eval()
     return Loaded(model, GaussianDiffusion.from_config(cfg.diffusion), cfg, meta)
 
 
 def train(cfg: Config, out_dir: str | os.PathLike, resume: str | None = None, **kwargs) -> dict:
-    """Train ``cfg`` into ``out_dir`` (see :func:`ddpm.train.loop.train`)."""
-    from .train.loop import train as _train
+    """Train ``cfg`` into ``out_dir`` (see :func:`ddpm.training.loop.train`)."""
+    from .training.loop import train as _train
 
     return _train(cfg, out_dir, resume=resume, **kwargs)

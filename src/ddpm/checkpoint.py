@@ -13,8 +13,8 @@ by :func:`read_meta`: a flipped digit in the step or the config keeps the JSON v
 otherwise load silently. Truncation (the file is shorter than its header says), an empty file and
 pickles are recognised before safetensors parses anything, so each gets its own message.
 
-Atomicity. :func:`save_checkpoint` writes to a temporary file in the same folder, fsyncs it,
-renames it over the target and fsyncs the folder. A crash at any moment leaves either the old
+Atomicity. :func:`save_checkpoint` writes through :mod:`ddpm.atomic`: a temporary file in the
+same folder, fsynced, renamed over the target, folder fsynced. A crash at any moment leaves either the old
 file or the new one, never a torn one; a failed write (disk full) removes the temporary file and
 raises :class:`CheckpointError` with the old file untouched.
 """
@@ -24,12 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import torch
 
+from .atomic import atomic_write_bytes  # noqa: F401 (also re-exported: the one atomic writer)
 from .errors import CheckpointError
 
 FORMAT = "ddpm-checkpoint"
@@ -51,56 +51,6 @@ def tensor_digest(tensors: Mapping[str, torch.Tensor]) -> str:
         # reshape(-1): a 0-dim tensor (e.g. Adam's "step") cannot be viewed as bytes directly
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    """The process umask; read from /proc where possible (os.umask can only read it by setting it)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file, fsync, rename, fsync folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        # mkstemp creates 0600; give the file the mode a plain open() would (0666 minus umask),
-        # so checkpoints and samples stay readable by whoever could read the run folder.
-        os.chmod(tmp, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
 
 
 def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:

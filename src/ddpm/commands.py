@@ -7,93 +7,64 @@ file, and raise :class:`UserError` for mistakes; :mod:`ddpm.cli` turns those int
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-
+from .atomic import atomic_write_json, atomic_write_npz
+from .cliutil import amp_dtype as _amp, check_suffix as _check_suffix, count_parameters, device as _device
 from .config import PRESET_HELP, PRESETS, Config, apply_overrides, get_preset
 from .errors import UserError
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-
-def _device(name: str | None):
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device: unknown device {name!r}; expected cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine")
-    return dev
-
-
-def _amp(precision: str):
-    import torch
-
-    return torch.bfloat16 if precision == "bf16" else None
-
-
-def _check_suffix(path: str, suffix: str, option: str) -> Path:
-    p = Path(path)
-    if p.suffix.lower() != suffix:
-        raise UserError(f"{option} {path}: expected a {suffix} file name")
-    if p.is_dir():
-        raise UserError(f"{option} {path}: is a folder, expected a {suffix} file")
-    return p
-
-
-def _save_npz(path: Path, images: np.ndarray) -> None:
-    """Atomically write uint8 NHWC images under key arr_0."""
-    import io
-
-    from .checkpoint import atomic_write_bytes
-
-    buf = io.BytesIO()
-    np.savez(buf, arr_0=images)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def _write_json(path: Path, obj) -> None:
-    from .checkpoint import atomic_write_bytes
-
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
-
-
-def _grid_scale(resolution: int) -> int:
-    """Enlarge tiny images (8x8 digits) so the grid is viewable."""
-    return max(1, 64 // resolution)
-
-
-def count_parameters(cfg: Config) -> int:
-    """Parameter count of the configured U-Net, built on the meta device (no memory)."""
-    import torch
-
-    from .nets.unet import UNet
-
-    with torch.device("meta"):
-        model = UNet.from_config(cfg.model, cfg.out_channels)
-    return sum(p.numel() for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------- train
 
 def resolve_train_config(args: argparse.Namespace) -> Config:
-    """Preset (or the run's own config.json when resuming without --preset) + --data + --set."""
+    """Preset (or the run's own config.json when resuming without --preset) + --data + --set.
+
+    ``--data X`` without ``--preset`` fits the model to X (:mod:`ddpm.sizes`: channels and
+    resolution from the data, ``--size``/``--resolution``); ``--data digits`` alone keeps the
+    digits preset, that data's own configuration.
+    """
     run_cfg = Path(args.out) / "config.json" if args.out else None
+    size, resolution = getattr(args, "size", None), getattr(args, "resolution", None)
+    if args.preset is not None and (size is not None or resolution is not None):
+        raise UserError("--size/--resolution choose the model for --data without --preset; with --preset "
+                        "use --set model.resolution=... --set model.ch_mult=...")
     if args.preset is None and args.resume is not None and run_cfg is not None and run_cfg.is_file():
         cfg = Config.from_json(run_cfg.read_text())
+    elif args.preset is None and args.data is not None and (args.data != "digits" or size or resolution):
+        cfg = _config_from_data(args.data, size, resolution, getattr(args, "device", None))
     else:
+        if size is not None or resolution is not None:
+            raise UserError("--size/--resolution need --data (a folder or file of your images)")
         cfg = get_preset("digits" if args.preset is None else args.preset)
     if args.data is not None:
         cfg = replace(cfg, data=replace(cfg.data, source=args.data))
     return apply_overrides(cfg, list(args.overrides))
+
+
+def _default_size(device: str | None) -> str:
+    """tiny on a CPU (minutes), small on a GPU (hours): a first run that finishes."""
+    import torch
+
+    cuda = device.startswith("cuda") if device else torch.cuda.is_available()
+    return "small" if cuda else "tiny"
+
+
+def _config_from_data(source: str, size: str | None, resolution: int | None, device: str | None) -> Config:
+    """The run for one's own images (ddpm.sizes): channels and resolution from the data."""
+    from .datasets.survey import survey
+    from .sizes import auto_resolution, check_resolution, config_for
+
+    sv = survey(source)
+    res = check_resolution(resolution) if resolution is not None else (
+        sv.prepared_resolution or auto_resolution(sv.min_side))
+    if sv.prepared_resolution is not None and res != sv.prepared_resolution:
+        from .datasets.prepared import read_prepared
+
+        read_prepared(source, res, verify=False)  # raises its one-line "prepared at NxN" DataError
+    return config_for(res, sv.channels, size or _default_size(device), source)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -103,16 +74,28 @@ def cmd_train(args: argparse.Namespace) -> None:
         raise UserError(f"--out {out}: exists and is not a folder; expected a run folder")
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
         raise UserError(f"--resume {args.resume}: no such checkpoint file (use 'auto' or a ckpt_*.safetensors path)")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.dry_run:
         print(cfg.to_json())
-        world = int(os.environ.get("WORLD_SIZE", "1"))
         print(f"model: {count_parameters(cfg):,} parameters; output channels {cfg.out_channels}")
         print(f"run folder: {out}; world size {world}; per-rank batch {cfg.train.batch_size // max(world, 1)}")
+    dev = _device(args.device)
+    if int(os.environ.get("RANK", "0")) == 0:  # the plan: once, before the first step (ddpm.plan)
+        from .options import MODEL_SIZES
+        from .plan import build_plan
+
+        note, family = "", cfg.preset.rstrip("0123456789")
+        if args.preset is None and args.data is not None and args.resume is None and family in MODEL_SIZES:
+            note = f" (size {family}; --size {'|'.join(MODEL_SIZES)}, --resolution N)"
+        for line in build_plan(cfg, dev, preset=args.preset, size_note=note, world_size=world):
+            print(line, flush=True)
+    if args.dry_run:
         return
-    _device(args.device)
-    from .train.loop import train
+    from .training.loop import train
 
     result = train(cfg, out, resume=args.resume, device=args.device, progress=not args.no_progress)
+    if result.get("stopped_by"):  # a graceful stop (SIGINT/SIGTERM): the trainer printed where to resume
+        raise SystemExit(128 + int(result["stopped_by"]))
     if result.get("rank", 0) == 0:
         print(f"done: step {result['step']}, checkpoint {result['checkpoint']}")
 
@@ -121,8 +104,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from .api import load
-    from .images import save_grid, to_uint8
+    from .images import grid_scale, save_grid, to_uint8
     from .sampling import sample
+    from .speed import Speed
 
     out = _check_suffix(args.out, ".npz", "--out")
     grid = _check_suffix(args.grid, ".png", "--grid") if args.grid else out.with_suffix(".png")
@@ -147,25 +131,56 @@ def cmd_sample(args: argparse.Namespace) -> None:
         if len(pair) < 2:
             raise UserError(f"--data {args.data or cfg.data.source}: --interpolate needs at least 2 test images")
     seeds = list(range(args.seed, args.seed + args.n))
-    common = dict(device=dev, amp_dtype=_amp(args.precision), progress=not args.no_progress,
+    from .conditioning import class_grid, guided_call, sampling_labels
+
+    labels, weight = sampling_labels(cfg.model.num_classes, args.class_spec, args.guidance, len(seeds),
+                                     what=str(args.ckpt))
+    model_kwargs, guidance = guided_call(labels, weight, cfg.model.num_classes)
+    speed = Speed(compile=args.compile, cuda_graph=args.cuda_graph,
                   winograd={"auto": None, "winograd": True, "direct": False}[args.conv])
+    common = dict(device=dev, amp_dtype=_amp(args.precision), progress=not args.no_progress, speed=speed)
+    var_options = None
+    if getattr(args, "var", "model") == "analytic":  # Analytic-DPM: Gamma_n stored beside the checkpoint
+        if args.sampler not in ("ancestral", "ddim"):
+            raise UserError(f"--var analytic applies to --sampler ancestral or ddim, not {args.sampler!r}")
+        from .analytic import load_or_estimate
+        from .checkpoint import read_meta, resolve_checkpoint
+
+        gamma = load_or_estimate(args.ckpt, model, diffusion, cfg, read_meta(resolve_checkpoint(args.ckpt)), dev,
+                                 progress=not args.no_progress)
+        var_options = {"var": "analytic", "gamma": gamma}
+    if getattr(args, "order", None) is not None:
+        if args.sampler in ("ancestral", "ddim"):
+            raise UserError(f"--order applies to the solvers (unipc: 2 or 3), not --sampler {args.sampler}")
+        var_options = {**(var_options or {}), "order": args.order}
     x = sample(diffusion, model, shape, seeds, batch_size=args.batch_size, sampler=args.sampler,
-               steps=args.steps, eta=args.eta, compile=args.compile, cuda_graph=args.cuda_graph, **common)
+               steps=args.steps, eta=args.eta, model_kwargs=model_kwargs, guidance=guidance,
+               sampler_options=var_options, spacing=getattr(args, "spacing", "trailing"),
+               clip_denoised=getattr(args, "clip", "on") == "on", **common)
     images = to_uint8(x)
-    _save_npz(out, images)
-    save_grid(images[:64], grid, scale=_grid_scale(cfg.model.resolution))
-    print(f"wrote {len(images)} samples to {out} (uint8 NHWC, key arr_0) and a grid to {grid}")
+    if labels is None:
+        atomic_write_npz(out, arr_0=images)  # uint8 NHWC under arr_0
+        save_grid(images[:64], grid, scale=grid_scale(cfg.model.resolution))
+        print(f"wrote {len(images)} samples to {out} (uint8 NHWC, key arr_0) and a grid to {grid}")
+    else:  # labels beside the images (the ADM evaluator's arr_1); the grid has one row per class
+        atomic_write_npz(out, arr_0=images, arr_1=labels)
+        cells, cols = class_grid(images, labels)
+        save_grid(cells, grid, nrow=cols, scale=grid_scale(cfg.model.resolution))
+        print(f"wrote {len(images)} samples of classes {sorted(set(labels.tolist()))} at guidance W={weight:g} to "
+              f"{out} (uint8 NHWC arr_0, int64 labels arr_1) and a grid (one row per class) to {grid}")
     stem = out.with_suffix("")
     if args.progressive or args.chains or args.interpolate:
         from .evaluate import figures
 
-        scale = _grid_scale(cfg.model.resolution)
+        scale = grid_scale(cfg.model.resolution)
         from .sampling import interpolate, sample_chains, sample_progressive
 
         if args.progressive:
             n = min(args.n, 8)
             every = max(1, T // 10)
-            _, xs, ts = sample_progressive(diffusion, model, shape, seeds[:n], every=every, **common)
+            kw = {} if model_kwargs is None else {"model_kwargs": {k: v[:n] for k, v in model_kwargs.items()},
+                                                  "guidance": guidance}
+            _, xs, ts = sample_progressive(diffusion, model, shape, seeds[:n], every=every, **kw, **common)
             path = Path(f"{stem}_progressive.png")
             figures.save_progressive(xs, ts, path, scale=scale)
             print(f"wrote progressive x0 predictions (Fig. 6) to {path}")
@@ -195,14 +210,41 @@ def _nll(args: argparse.Namespace):
     dev = _device(args.device)
     model, diffusion, cfg, _ = load(args.ckpt, device=dev)
     src = args.data or cfg.data.source
-    images = load_images(src, args.split, cfg.model.resolution, cfg.model.in_channels, n=args.n)
+    labels = None
+    if cfg.model.num_classes > 0:  # class-conditional bits/dim: -log2 p(x | y) with the data's labels
+        import numpy as np
+
+        from .conditioning import dataset_labels
+        from .data import open_dataset
+
+        ds = open_dataset(src, args.split, cfg.model.resolution, cfg.model.in_channels)
+        count = len(ds) if args.n is None else min(int(args.n), len(ds))
+        labels = dataset_labels(ds, cfg.model.num_classes, src)[:count]
+        images = ds.take(np.arange(count))
+    else:
+        images = load_images(src, args.split, cfg.model.resolution, cfg.model.in_channels, n=args.n)
     result = evaluate_nll(model, diffusion, images, batch_size=args.batch_size, seed=args.seed, device=dev,
-                          amp_dtype=_amp(args.precision), progress=not args.no_progress)
-    return result, out, f"{src} ({args.split}, {len(images)} images)"
+                          amp_dtype=_amp(args.precision), progress=not args.no_progress, labels=labels)
+    what = " class-conditional" if labels is not None else ""
+    return result, out, f"{src} ({args.split}, {len(images)} images{what})"
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    if args.what == "nll":
+    if args.what == "nll" and args.var == "analytic":
+        from .analytic import command_nll
+
+        command_nll(args)
+    elif args.what == "nll" and args.steps is not None:
+        raise UserError("--steps needs --var analytic (the model's own bound runs all T steps)")
+    elif args.what == "analytic":
+        from .analytic import command_estimate
+
+        command_estimate(args)
+    elif args.what == "steps":
+        from .evaluate.steps import command as steps_command
+
+        steps_command(args)
+    elif args.what == "nll":
         result, out, what = _nll(args)
         result.save(out)
         print(f"bits/dim on {what}: {result.total_bpd:.4f} ± {result.total_bpd_stderr:.4f} (stderr)  "
@@ -230,6 +272,33 @@ def cmd_eval(args: argparse.Namespace) -> None:
         _eval_fid(args)
     elif args.what == "quality":
         _eval_quality(args)
+    elif args.what == "guidance":
+        _eval_guidance(args)
+
+
+def _eval_guidance(args: argparse.Namespace) -> None:
+    from .api import load
+    from .evaluate.guidance import check_digits_model, guidance_sweep, parse_weights, save_guidance
+
+    out = _check_suffix(args.out, ".json", "--out")
+    weights = parse_weights(args.guidance)
+    dev = _device(args.device)
+    model, diffusion, cfg, _ = load(args.ckpt, device=dev)
+    check_digits_model(cfg, str(args.ckpt))
+    if args.steps is not None and args.steps > diffusion.num_timesteps:
+        raise UserError(f"--steps {args.steps}: the model was trained with T={diffusion.num_timesteps} steps; "
+                        f"expected 1..{diffusion.num_timesteps}")
+    rows = guidance_sweep(model, diffusion, cfg, weights, args.n, seed=args.seed, batch_size=args.batch_size,
+                          device=dev, amp_dtype=_amp(args.precision), sampler=args.sampler, steps=args.steps,
+                          log=print, progress=not args.no_progress)
+    meta = {"ckpt": str(args.ckpt), "n": args.n, "seed": args.seed, "sampler": args.sampler,
+            "steps": args.steps or diffusion.num_timesteps, "precision": args.precision,
+            "convention": "eps = eps_uncond + W (eps_cond - eps_uncond); Ho & Salimans w = W - 1"}
+    paths = save_guidance(rows, out, meta)
+    print("     W  agreement  Fréchet distance")
+    for r in rows:
+        print(f"{r['guidance']:6g}  {r['agreement']:9.3f}  {r['fd']:16.3f}")
+    print(f"wrote {', '.join(str(p) for p in paths)}")
 
 
 def _samples_from(args: argparse.Namespace, n: int):
@@ -262,7 +331,7 @@ def _eval_fid(args: argparse.Namespace) -> None:
         raise UserError("--ref is required with --samples (the reference dataset, e.g. cifar-10-python.tar.gz)")
     res = compute_fid(samples, ref, split=args.split, cache_dir=args.cache_dir,
                       inception_weights=args.inception_weights, batch_size=args.batch_size, device=_device(args.device))
-    _write_json(out, res)
+    atomic_write_json(out, res)
     print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
     print(f"wrote {out}")
 
@@ -271,17 +340,49 @@ def _eval_quality(args: argparse.Namespace) -> None:
     from .evaluate.digits_quality import digits_quality, digits_reference
 
     out = _check_suffix(args.out, ".json", "--out")
-    samples, _ = _samples_from(args, args.n)
-    res = digits_quality(samples)
+    labels = None
+    if args.samples is not None and args.guidance is not None:
+        raise UserError("--guidance applies to samples drawn from --ckpt, not to --samples")
+    if args.samples is not None:  # labelled samples (arr_1 beside arr_0, as ddpm sample --class writes)
+        from .datasets.arrays import load_labels
+
+        samples, _ = _samples_from(args, args.n)
+        if str(args.samples).lower().endswith(".npz"):
+            labels = load_labels(args.samples, len(samples))
+    else:
+        samples, labels = _quality_samples(args)
+    res = digits_quality(samples, labels=labels)
     ref = digits_reference()
     res["reference"] = {k: ref[k] for k in ("test_accuracy", "train_vs_test", "noise_vs_test")}
-    _write_json(out, res)
+    atomic_write_json(out, res)
     real, noise = ref["train_vs_test"], ref["noise_vs_test"]
     print(f"digits quality of {len(samples)} samples: Fréchet distance {res['fd']:.3f}, classifier confidence "
           f"{res['confidence']:.3f}, class balance {res['balance']:.3f}, class histogram {res['class_histogram']}")
     print(f"  for scale: real train digits score {real['fd']:.3f} / {real['confidence']:.3f} / {real['balance']:.3f}; "
           f"uniform noise {noise['fd']:.1f} / {noise['confidence']:.3f} / {noise['balance']:.3f}")
+    if labels is not None:
+        per = ", ".join("-" if a is None else f"{a:.2f}" for a in res["agreement_per_class"])
+        print(f"  agreement with the requested class: {res['agreement']:.3f} overall; per class 0..9: {per}")
     print(f"wrote {out}")
+
+
+def _quality_samples(args: argparse.Namespace):
+    """(uint8 samples, labels or None) from --ckpt: balanced labels for a class-conditional model."""
+    from .api import load
+
+    dev = _device(args.device)
+    model, diffusion, cfg, _ = load(args.ckpt, device=dev)
+    if cfg.model.num_classes <= 0:
+        if args.guidance is not None:
+            raise UserError(f"--guidance needs a class-conditional model; {args.ckpt} is unconditional "
+                            f"(model.num_classes=0)")
+        return _samples_from(args, args.n)[0], None
+    from .evaluate.guidance import check_digits_model, sample_labelled
+
+    check_digits_model(cfg, str(args.ckpt))
+    return sample_labelled(model, diffusion, cfg, args.n, 1.0 if args.guidance is None else args.guidance,
+                           seed=args.seed, batch_size=args.batch_size, device=dev, amp_dtype=_amp(args.precision),
+                           progress=True)
 
 
 # ---------------------------------------------------------------------------------------------- convert/config
@@ -308,3 +409,41 @@ def cmd_config(args: argparse.Namespace) -> None:
         return
     cfg = apply_overrides(get_preset(args.preset), list(args.overrides))
     print(cfg.to_json())
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def cmd_data(args: argparse.Namespace) -> None:
+    """``ddpm data prepare SRC OUT.npy --resolution N [--channels C]`` (ddpm.datasets.prepared)."""
+    from .datasets.prepared import labels_path, sidecar
+    from .prepare import prepare
+    from .datasets.survey import survey
+
+    out = _check_suffix(args.out, ".npy", "OUT")
+    for p in (out, sidecar(out), labels_path(out)):
+        if p.exists():
+            raise UserError(f"OUT {out}: '{p}' already exists; remove it or choose another OUT (nothing was written)")
+    channels = args.channels if args.channels is not None else survey(args.src).channels
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=None, unit="img", desc="prepare", leave=False)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.update(1)
+
+    try:
+        meta = prepare(args.src, out, args.resolution, channels, log=print, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    names = meta["class_names"]
+    print(f"wrote {out}: {meta['count']:,} images, uint8 [{meta['count']}, {meta['resolution']}, "
+          f"{meta['resolution']}, {meta['channels']}]"
+          + (f", {len(names)} classes from subfolders ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+             if names else "")
+          + f"; description {sidecar(out)}; train with --data {out}")
+

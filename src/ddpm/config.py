@@ -17,13 +17,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, get_args, get_origin, get_type_hints
 
 from .errors import ConfigError, suggest
-
-MEAN_TYPES = ("eps", "xstart", "xprev")
-VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
-LOSS_TYPES = ("mse", "kl", "rescaled_kl", "hybrid")
-BETA_SCHEDULES = ("linear", "quad", "warmup10", "warmup50", "const", "jsd", "cosine")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-T_SAMPLERS = ("uniform", "importance")
+from .options import BETA_SCHEDULES, LOSS_TYPES, MEAN_TYPES, PRECISIONS, T_SAMPLERS, VAR_TYPES
 
 
 @dataclass(frozen=True)
@@ -37,8 +31,16 @@ class ModelConfig:
     num_res_blocks: int = 2
     attn_resolutions: tuple[int, ...] = (16,)
     dropout: float = 0.1
+    # Class-conditional network (classifier-free guidance): C classes, labels 0..C-1 from the data;
+    # 0 = unconditional (the paper's models; configs and checkpoints without the key load as 0).
+    num_classes: int = 0
+    # Activation checkpointing of the ResBlocks (torch.utils.checkpoint): their activations are
+    # recomputed in the backward pass instead of kept, for large resolutions on small GPUs (about
+    # one more forward pass of time); gradients are bit-identical with it on and off.
+    checkpointing: bool = False
 
     def validate(self) -> None:
+        _check(isinstance(self.checkpointing, bool), "model.checkpointing", self.checkpointing, "true or false")
         _check(self.resolution >= 4, "model.resolution", self.resolution, "an integer >= 4")
         _check(self.in_channels in (1, 3, 4), "model.in_channels", self.in_channels, "1, 3 or 4")
         _check(self.ch >= 32 and self.ch % 32 == 0, "model.ch", self.ch, "a multiple of 32 (GroupNorm uses 32 groups)")
@@ -48,6 +50,7 @@ class ModelConfig:
                f"at most {_max_levels(self.resolution)} levels for resolution {self.resolution} (each level halves it)")
         _check(self.num_res_blocks >= 1, "model.num_res_blocks", self.num_res_blocks, "an integer >= 1")
         _check(0.0 <= self.dropout < 1.0, "model.dropout", self.dropout, "a number in [0, 1)")
+        _check(self.num_classes >= 0, "model.num_classes", self.num_classes, "an integer >= 0 (0 = unconditional)")
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,9 @@ class DataConfig:
     source: str = "digits"
     random_flip: bool = True
     skip_bad_images: bool = False
+    # Class names of a conditional run, label order (an image folder's subfolders, sorted);
+    # filled in by the trainer from the data, empty for unconditional runs.
+    class_names: tuple[str, ...] = ()
 
     def validate(self) -> None:
         _check(bool(self.source), "data.source", self.source, "a dataset name or path")
@@ -121,8 +127,14 @@ class TrainConfig:
     sample_n: int = 64
     sample_seed: int = 0
     save_every: int = 10_000
+    # Also checkpoint when this many minutes passed since the last checkpoint (0 = off), so
+    # that long steps on big models never leave hours unsaved.
+    save_every_minutes: float = 0.0
     keep_last: int = 3
     num_workers: int = 0
+    # Label dropout for classifier-free guidance: the probability that an image's label is
+    # replaced by the null label (only used when model.num_classes > 0).
+    p_uncond: float = 0.1
 
     def validate(self) -> None:
         _check(self.total_steps >= 1, "train.total_steps", self.total_steps, "an integer >= 1")
@@ -143,9 +155,12 @@ class TrainConfig:
         _check(self.max_nonfinite_in_row >= 1, "train.max_nonfinite_in_row", self.max_nonfinite_in_row, "an integer >= 1")
         for name in ("log_every", "sample_every", "save_every"):
             _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "an integer >= 0 (0 disables)")
+        _check(0 <= self.save_every_minutes < float("inf"), "train.save_every_minutes",
+               self.save_every_minutes, "a number of minutes >= 0 (0 disables)")
         _check(self.sample_n >= 1, "train.sample_n", self.sample_n, "an integer >= 1")
         _check(self.keep_last >= 1, "train.keep_last", self.keep_last, "an integer >= 1")
         _check(self.num_workers >= 0, "train.num_workers", self.num_workers, "an integer >= 0")
+        _check(0.0 <= self.p_uncond <= 1.0, "train.p_uncond", self.p_uncond, "a probability in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -283,10 +298,19 @@ PRESETS: dict[str, Config] = {
     "lsun_cat256": _lsun("lsun_cat256", 1_800_000, True, "lsun_cat/"),
     "lsun_bedroom256_large": _lsun("lsun_bedroom256_large", 1_150_000, False, "lsun_bedroom/", ch=192),
 }
+# Class-conditional twins for classifier-free guidance (Ho & Salimans 2022): the same network,
+# schedule and budget plus a 10-row (+ null) class embedding and 10% label dropout.
+PRESETS["digits_cond"] = replace(PRESETS["digits"], preset="digits_cond",
+                                 model=replace(PRESETS["digits"].model, num_classes=10),
+                                 train=replace(PRESETS["digits"].train, p_uncond=0.1))
+PRESETS["cifar10_cond"] = replace(_CIFAR, preset="cifar10_cond", model=replace(_CIFAR_MODEL, num_classes=10),
+                                  train=replace(_CIFAR.train, p_uncond=0.1))
 
 PRESET_HELP: dict[str, str] = {
     "digits": "default; sklearn 8x8 digits, small U-Net, trains on a CPU in minutes",
     "cifar10": "Table 1/2 L_simple: eps, mse, fixedlarge, lr 2e-4, batch 128, dropout 0.1, 800k steps",
+    "digits_cond": "digits with its 10 classes: class embedding, label dropout 0.1, classifier-free guidance",
+    "cifar10_cond": "cifar10 with its 10 classes: class embedding, label dropout 0.1, classifier-free guidance",
     "cifar10_mu_kl_learned": "Table 2: mu-tilde prediction, true bound L, learned diagonal Sigma",
     "cifar10_mu_kl_fixed": "Table 2: mu-tilde prediction, true bound L, fixed isotropic Sigma",
     "cifar10_mu_mse": "Table 2: mu-tilde prediction, ||mu-tilde - mu_theta||^2 (unstable in the paper)",

@@ -11,7 +11,8 @@
 - any other folder: images found recursively, decoded lazily, centre-cropped and area-resized
   (:mod:`ddpm.datasets.folder`); it has no split, ``test`` gives the same images.
 - a ``.npz``/``.npy`` of uint8 [N, H, W, C] images of exactly the requested size
-  (:mod:`ddpm.datasets.arrays`); no split either.
+  (:mod:`ddpm.datasets.arrays`); no split either. A ``.npy`` written by ``ddpm data prepare``
+  (a ``.json`` beside it) is checked against that description (:mod:`ddpm.datasets.prepared`).
 
 Every item is a uint8 numpy array [resolution, resolution, channels]; ``ddpm.images.to_model``
 turns a batch into the network's [-1, 1] NCHW floats. Unreadable data raises
@@ -19,6 +20,11 @@ turns a batch into the network's [-1, 1] NCHW floats. Unreadable data raises
 bad image files of a folder instead, counts them in ``dataset.skipped`` and reports each
 through ``log`` (a callable taking a str) or ``warnings.warn``. A bad CIFAR archive or array
 file is always an error: it is one file, there is nothing to skip to.
+
+Class labels (class-conditional models): every dataset has ``labels`` (int64 [N] aligned with
+the items, or None), ``class_names`` and ``num_classes``: the digits' and CIFAR-10's classes, an
+image folder's top-level subfolders (sorted), an ``.npz``'s ``arr_1``/``labels``/``y`` array;
+:func:`ddpm.conditioning.dataset_labels` checks them against ``model.num_classes``.
 
 Training order: :class:`EpochSampler` (per-epoch permutations and flip bits from
 ``default_rng([seed, epoch])``, resumable) and :func:`apply_flips`.
@@ -78,6 +84,11 @@ def open_dataset(source: str, split: str = "train", resolution: int = 32, channe
         from .datasets.folder import FolderDataset
 
         return FolderDataset(path, resolution, channels, source=src, **kw)
+    if name.endswith(".npy"):
+        from .datasets.prepared import PreparedDataset, is_prepared
+
+        if is_prepared(path):  # `ddpm data prepare` output: checked against its JSON
+            return PreparedDataset(path, resolution, channels, source=src, **kw)
     if name.endswith((".npz", ".npy")):
         from .datasets.arrays import ArrayFileDataset
 

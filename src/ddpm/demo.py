@@ -47,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     times["rd"] = _run(["eval", "rd", "--from", str(out / "nll.json"), "--out", str(out / "rd.json")])
     times["quality"] = _run(["eval", "quality", "--samples", str(out / "samples.npz"),
                              "--out", str(out / "quality.json")])
+    from . import samplers
+
+    few = [s for s in ("ddim", "dpm++2m", "unipc") if s in samplers.names()]  # a short quality-vs-NFE table
+    times["steps"] = _run(["eval", "steps", "--ckpt", str(run), "--samplers", ",".join(few), "--nfe", "10,20",
+                           "--n", str(min(args.n, 200)), "--batch-size", "200", "--out", str(out / "steps.json")])
 
     nll = json.loads((out / "nll.json").read_text())
     q = json.loads((out / "quality.json").read_text())
@@ -61,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     real = q["reference"]["train_vs_test"]
     print(f"  sample quality   Fréchet distance {q['fd']:.3f}, confidence {q['confidence']:.3f}, balance "
           f"{q['balance']:.3f}  (real train digits: {real['fd']:.3f}, {real['confidence']:.3f}, {real['balance']:.3f})")
+    steps = json.loads((out / "steps.json").read_text())["rows"]
+    print(f"  few-step sampling digits Fréchet distance by network calls ({steps[0]['n']} images; "
+          f"the full {len(nll['terms_bpd'])}-step chain above: {q['fd']:.3f} on {args.n})")
+    for name in dict.fromkeys(r["sampler"] for r in steps):
+        cells = "  ".join(f"NFE {r['nfe']}: {r['quality']:.3f} ({r['seconds_per_image'] * 1e3:.1f} ms/image)"
+                          for r in steps if r["sampler"] == name)
+        print(f"    {name:<10} {cells}")
     print("  wall time        " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     print("=" * 72)
     return 0

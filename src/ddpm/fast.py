@@ -15,31 +15,39 @@ results agree with the plain eager call up to float rounding (tests/test_fastpat
   graph (``torch.compile(mode="reduce-overhead")`` when compiling, else a captured
   :class:`torch.cuda.CUDAGraph`).
 
-Measured on the 2-core AMD EPYC (AVX2, no AVX-512/AMX) this project runs on: channels_last
-~1.17x on CIFAR-10 sampling (but slower on 8x8 images, see :func:`wants_channels_last`),
-inductor 1.03-1.09x on top (the 3x3 convolutions are ~82% of the time and already run near the
-FMA peak), and bf16 autocast 7-8x *slower* than fp32 because this CPU has no bf16 instructions.
-Doing fewer multiplications is the remaining lever on such a CPU: :mod:`ddpm.winograd`.
-`make bench` measures them; benchmarks/README.md has the numbers and profiles.
+What pays depends on the CPU. On a 2-core AMD EPYC (AVX2, no AVX-512/AMX): channels_last
+~1.17x on CIFAR-10 sampling (but slower on 8x8 images), inductor 1.03-1.09x on top (the 3x3
+convolutions are ~82% of the time and already run near the FMA peak), and bf16 autocast 7-8x
+*slower* than fp32 because that CPU has no bf16 instructions; doing fewer multiplications
+(:mod:`ddpm.winograd`) is the lever there. On an Intel Xeon with AVX512-BF16 and AMX, bf16
+autocast is the lever (~2x over fp32; :func:`cpu_has_fast_bf16`, ``--precision bf16``). So on the
+CPU the layout is decided by timing both where it runs (:func:`wants_channels_last`,
+:mod:`ddpm.autotune`). `make bench` measures them; benchmarks/README.md has the numbers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import hashlib
 import warnings
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
+from . import autotune
+
 __all__ = ["channels_last", "lowp_weights", "FastModel", "wants_channels_last", "to_channels_last",
            "cpu_has_fast_bf16"]
 
 
 def cpu_has_fast_bf16() -> bool:
-    """Whether oneDNN has bf16 kernels on this CPU (AVX512-BF16 / AMX). Without them, bf16
-    autocast runs the convolutions through a slow generic fallback (~8x slower than fp32 on the
-    AVX2 machine this project was benchmarked on)."""
+    """Whether oneDNN has bf16 kernels on this CPU (AVX512-BF16 / AMX: Intel Xeon from Cooper
+    Lake / Sapphire Rapids on, AMD Zen 4 and later), where ``--precision bf16`` is the fast path
+    (~2x fp32 sampling on a Sapphire-Rapids-class Xeon, benchmarks/README.md). Without them, bf16
+    autocast runs the convolutions through a slow generic fallback (~8x slower than fp32 on an
+    AVX2 EPYC)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # pragma: no cover - builds without oneDNN
@@ -71,21 +79,79 @@ def _warn_if_slow_cpu_bf16(x: torch.Tensor) -> None:
                       RuntimeWarning, stacklevel=3)
 
 
-# On the CPU, NHWC pays where the convolutions dominate: measured 1.19x for the 32x32 CIFAR-10
-# U-Net, but 0.87x for the 8x8 digits one (GroupNorm's NHWC kernel is slower on small maps).
+# The static CPU rule (DDPM_AUTOTUNE=0): NHWC pays where the convolutions dominate: measured
+# 1.19x for the 32x32 CIFAR-10 U-Net, but 0.87x for the 8x8 digits one (GroupNorm's NHWC kernel
+# is slower on small maps), on the AVX2 machine.
 _CPU_CHANNELS_LAST_MIN_PIXELS = 32 * 32
+# Autotuning: images per timed probe call (enough to fill the kernels, few enough that a
+# decision for the CIFAR-10 U-Net costs ~1-2 s once per machine).
+_PROBE_PIXELS = 4096
+_PROBE_MAX_BATCH = 32
+
+
+def _input_channels(model: nn.Module) -> int | None:
+    """C of the [B, C, H, W] input: ``model.config["in_channels"]`` (ddpm's UNet), else the first
+    Conv2d's input channels."""
+    cfg = getattr(model, "config", None)
+    if isinstance(cfg, dict) and isinstance(cfg.get("in_channels"), int):
+        return cfg["in_channels"]
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return None if first is None else int(first.in_channels)
+
+
+def _tuned_channels_last(model: nn.Module, image_hw: tuple[int, int]) -> bool | None:
+    """NHWC or NCHW for ``model(x, t)`` on this CPU, by timing both on a probe batch of zeros
+    (:func:`ddpm.autotune.choose`, cached per machine and thread count; NCHW, the plain path,
+    unless NHWC is faster by more than the noise margin). None when the model cannot be probed
+    (unknown input channels, or a forward that needs more than ``(x, t)``)."""
+    c_in = _input_channels(model)
+    if c_in is None:
+        return None
+    h, w = int(image_hw[0]), int(image_hw[1])
+    bsz = max(1, min(_PROBE_MAX_BATCH, _PROBE_PIXELS // max(1, h * w)))
+    shapes = ";".join(f"{n}:{tuple(p.shape)}" for n, p in model.named_parameters())
+    sig = hashlib.sha256(shapes.encode()).hexdigest()[:12]
+    key = f"layout|{type(model).__name__}|{sig}|{bsz}x{c_in}x{h}x{w}|float32|{'train' if model.training else 'eval'}"
+    x = torch.zeros(bsz, c_in, h, w)
+    t = torch.zeros(bsz, dtype=torch.long)
+    state: dict[str, nn.Module] = {}
+
+    def nchw():
+        with torch.no_grad():
+            model(x, t)
+
+    def nhwc():
+        if "m" not in state:  # an NHWC copy, made at the warm-up call (not timed), dropped after
+            state["m"] = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            state["m"](to_channels_last(x), t)
+
+    try:
+        with torch.random.fork_rng(devices=[]):  # dropout in a train-mode model must not move the seed
+            return autotune.choose(key, {"nchw": nchw, "nhwc": nhwc}, baseline="nchw") == "nhwc"
+    except (TypeError, ValueError, RuntimeError, IndexError, KeyError):
+        return None  # not a plain (x, t) network: keep the static rule
+    finally:
+        state.clear()
 
 
 def wants_channels_last(model: Callable, device: torch.device | str, image_hw: tuple[int, int] | None = None) -> bool:
     """Whether to run ``model`` in NHWC: an ``nn.Module`` with convolution weights, on CUDA
-    (cuDNN's NHWC kernels are the fast ones), or on the CPU for images of at least 32x32
-    pixels (``image_hw`` = (H, W); unknown counts as large). Plain callables are left alone."""
+    (cuDNN's NHWC kernels are the fast ones), or on the CPU where timing it for ``image_hw``
+    = (H, W) found NHWC faster (:mod:`ddpm.autotune`, once per machine, thread count and
+    network). With ``DDPM_AUTOTUNE=0``, or a model that cannot be probed, the static rule: on the
+    CPU for images of at least 32x32 pixels (unknown counts as large). Plain callables are left
+    alone."""
     device = torch.device(device)
     if not isinstance(model, nn.Module) or device.type not in ("cpu", "cuda"):
         return False
     if not any(p.dim() == 4 for p in model.parameters()):
         return False
     if device.type == "cpu" and image_hw is not None:
+        if autotune.enabled():
+            tuned = _tuned_channels_last(model, image_hw)
+            if tuned is not None:
+                return tuned
         return int(image_hw[0]) * int(image_hw[1]) >= _CPU_CHANNELS_LAST_MIN_PIXELS
     return True
 
@@ -165,8 +231,8 @@ def lowp_weights(model: Callable, dtype: torch.dtype | None) -> Iterator[Callabl
                 p.requires_grad_(grad)
 
 
-def _call(model: Callable, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return model(x, t)
+def _call(model: Callable, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+    return model(x, t, **kwargs)
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -195,28 +261,32 @@ class _CUDAGraphCall:
         self.model, self.warmup = model, int(warmup)
         self._graphs: dict[tuple, tuple] = {}
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         amp_dtype = autocast_dtype("cuda")
-        key = (tuple(x.shape), x.stride(), x.dtype, x.device, tuple(t.shape), t.dtype, amp_dtype)
+        kw_key = tuple((k, tuple(v.shape), v.dtype) for k, v in sorted(kwargs.items()))
+        key = (tuple(x.shape), x.stride(), x.dtype, x.device, tuple(t.shape), t.dtype, amp_dtype, kw_key)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._graphs[key] = self._capture(x, t, amp_dtype)
-        graph, sx, st, out = entry
+            entry = self._graphs[key] = self._capture(x, t, kwargs, amp_dtype)
+        graph, sx, st, skw, out = entry
         sx.copy_(x)
         st.copy_(t)
+        for k, v in kwargs.items():  # conditioning tensors (e.g. class labels) are graph inputs too
+            skw[k].copy_(v)
         graph.replay()
         return out.clone()
 
-    def _capture(self, x: torch.Tensor, t: torch.Tensor, amp_dtype: torch.dtype | None) -> tuple:
+    def _capture(self, x: torch.Tensor, t: torch.Tensor, kwargs: dict, amp_dtype: torch.dtype | None) -> tuple:
         sx, st = x.clone(), t.clone()
+        skw = {k: v.clone() for k, v in kwargs.items()}
 
         def run() -> torch.Tensor:
             if amp_dtype is None:
-                return self.model(sx, st)
+                return self.model(sx, st, **skw)
             # The autocast weight-cast cache must be off while capturing: cached casts would be
             # freed after capture while the graph still reads them.
             with torch.autocast("cuda", dtype=amp_dtype, cache_enabled=False):
-                return self.model(sx, st)
+                return self.model(sx, st, **skw)
 
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
@@ -227,7 +297,7 @@ class _CUDAGraphCall:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             out = run()
-        return graph, sx, st, out
+        return graph, sx, st, skw, out
 
 
 class FastModel:
@@ -255,18 +325,19 @@ class FastModel:
         self._graphed = None
         if self.compile:
             compiled = _compiled_call("reduce-overhead" if self.cuda_graph else None)
-            self._fn: Callable = lambda x, t: compiled(model, x, t)
+            self._fn: Callable = lambda x, t, **kw: compiled(model, x, t, **kw)
         elif self.cuda_graph:
             self._graphed = _CUDAGraphCall(model)
             self._fn = self._graphed
         else:
             self._fn = model
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **kwargs) -> torch.Tensor:
+        """``model(x, t, **kwargs)``; ``kwargs`` are conditioning tensors with a leading batch dim."""
         _warn_if_slow_cpu_bf16(x)
         if self.channels_last:
             x = to_channels_last(x)
-        out = self._fn(x, t)
+        out = self._fn(x, t, **kwargs)
         if self.compile and self.cuda_graph:
             out = out.clone()  # cudagraph trees reuse the output memory on the next replay
         # The caller's arithmetic (the sampler's step) stays in the usual NCHW layout; for the

@@ -49,15 +49,20 @@ def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 1, pad_val
     return grid
 
 
-def save_grid(images: np.ndarray, path, nrow: int | None = None, scale: int = 1) -> None:
-    """Save uint8 [N, H, W, C] images as one PNG grid; ``scale`` enlarges small images (nearest)."""
-    from pathlib import Path
+def grid_scale(resolution: int) -> int:
+    """The nearest-neighbour enlargement that makes a grid of ``resolution``-pixel images viewable
+    (8x8 digits: x8; 64x64 and larger: x1)."""
+    return max(1, 64 // int(resolution))
 
+
+def save_grid(images: np.ndarray, path, nrow: int | None = None, scale: int = 1) -> None:
+    """Save uint8 [N, H, W, C] images as one PNG grid, atomically; ``scale`` enlarges small images (nearest)."""
     from PIL import Image
+
+    from .atomic import atomic_save_image
 
     grid = make_grid(images, nrow=nrow)
     if scale > 1:
         grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     mode = "L" if grid.shape[2] == 1 else ("RGBA" if grid.shape[2] == 4 else "RGB")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(grid[..., 0] if mode == "L" else grid, mode=mode).save(path)
+    atomic_save_image(path, Image.fromarray(grid[..., 0] if mode == "L" else grid, mode=mode))

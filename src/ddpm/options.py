@@ -23,10 +23,12 @@ T_SAMPLERS = ("uniform", "importance")          # train.t_sampler
 
 # Sampling / evaluation on the command line.
 SAMPLE_PRECISIONS = ("fp32", "bf16")            # --precision of ddpm sample / eval
-TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")  # --spacing
+TIMESTEP_SPACINGS = ("trailing", "leading", "linspace", "quadratic", "logsnr")  # --spacing
 CONV_MODES = ("auto", "winograd", "direct")     # --conv
 WEIGHTS = ("ema", "model")                      # which weights of a checkpoint
 SPLITS = ("train", "test")
+REVERSE_VARIANCES = ("model", "analytic")       # --var: the model's own or Analytic-DPM's (Bao et al. 2022)
+CLIP_CHOICES = ("on", "off", "both")            # ddpm eval steps --clip
 
 # Model size families for one's own images (ddpm.sizes; `ddpm train --data X --size ...`).
 MODEL_SIZES = ("tiny", "small", "base")

@@ -24,11 +24,18 @@ def check_spacing(spacing: str) -> str:
     return spacing
 
 
-def space_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing") -> list[int]:
+def space_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing",
+                    alphas_cumprod: Sequence[float] | np.ndarray | None = None) -> list[int]:
     """The ``steps`` kept 0-based timestep indices out of ``num_timesteps``, ascending.
 
     ``trailing`` (default): round(T - k T/steps) - 1 for k < steps; always keeps T-1 (diffusers'
     "trailing"). ``leading``: k * (T // steps), starts at 0. ``linspace``: round(linspace(0, T-1, steps)).
+    ``quadratic``: round(linspace(0, sqrt(0.8 T), steps)^2) (DDIM's CIFAR-10 choice, Song et al.
+    2021, Appendix D.2: dense near the data). ``logsnr``: uniform in the log-SNR
+    log(abar/(1 - abar)) between index 0 and T-1, each rounded to the nearest index (the DPM-Solver
+    papers' choice for few steps); needs ``alphas_cumprod`` [T]. Where rounding makes two of these
+    coincide (many steps), later ones are moved up (or, at the top, earlier ones down) so there
+    are exactly ``steps`` distinct indices.
     """
     T = int(num_timesteps)
     if isinstance(steps, bool) or int(steps) != steps or not 1 <= int(steps) <= T:
@@ -40,12 +47,37 @@ def space_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing") -
         kept = np.round(T - np.arange(steps) * ratio).astype(np.int64) - 1
     elif spacing == "leading":
         kept = np.arange(steps, dtype=np.int64) * (T // steps)
-    else:  # linspace
+    elif spacing == "linspace":
         kept = np.linspace(0, T - 1, steps).round().astype(np.int64)
+    elif spacing == "quadratic":
+        kept = _distinct(np.linspace(0.0, np.sqrt(0.8 * T), steps) ** 2, T, spacing)
+    else:  # logsnr
+        if alphas_cumprod is None or len(alphas_cumprod) != T:
+            raise SamplingOptionError(f"spacing 'logsnr' needs the diffusion's alphas_cumprod of length {T}")
+        abar = np.asarray(alphas_cumprod, dtype=np.float64)
+        logsnr = np.log(abar) - np.log1p(-abar)  # strictly decreasing in the index
+        targets = np.linspace(logsnr[0], logsnr[-1], steps)
+        # fractional index of each target by linear interpolation of the decreasing curve
+        kept = _distinct(np.interp(targets[::-1], logsnr[::-1], np.arange(T, dtype=np.float64)[::-1])[::-1], T,
+                         spacing)
     out = sorted(set(int(i) for i in kept))
     if len(out) != steps or out[0] < 0 or out[-1] > T - 1:  # pragma: no cover - guarded by the formulas
         raise SamplingOptionError(f"spacing {spacing!r} gives {out} for T={T}, steps={steps}")
     return out
+
+
+def _distinct(points: np.ndarray, T: int, spacing: str) -> np.ndarray:
+    """Ascending real ``points`` rounded to indices, each at least one above the previous (and at
+    most T-1: where the bumps would pass T-1, the top ones are moved down instead)."""
+    kept = np.round(np.sort(points)).astype(np.int64)
+    for k in range(1, len(kept)):
+        kept[k] = max(kept[k], kept[k - 1] + 1)
+    kept[-1] = min(kept[-1], T - 1)
+    for k in range(len(kept) - 2, -1, -1):  # then down from T-1 where the bumps overran it
+        kept[k] = min(kept[k], kept[k + 1] - 1)
+    if kept[0] < 0:  # pragma: no cover - steps <= T is checked by the caller
+        raise SamplingOptionError(f"spacing {spacing!r} cannot place {len(kept)} distinct steps in 0..{T - 1}")
+    return kept
 
 
 def respace(diffusion: GaussianDiffusion, use_timesteps: Sequence[int]) -> tuple[GaussianDiffusion, list[int]]:

@@ -77,11 +77,19 @@ def make_chain(diffusion: GaussianDiffusion, device, steps: int | None = None, s
         check_spacing(spacing)
         kept = list(range(T))
     else:
-        kept = space_timesteps(T, steps, spacing)
+        kept = space_timesteps(T, steps, spacing, diffusion.alphas_cumprod)
         if len(kept) < 2:
             raise SamplingOptionError("sampling steps must be >= 2: a respaced chain needs at least 2 steps")
     return Chain(diffusion, tuple(kept), torch.device(device), clip_denoised=bool(clip_denoised), eta=eta,
                  options=dict(options or {}))
+
+
+def _recorder(rec: torch.Tensor, every: int):
+    """The sampler callback of :func:`sample_progressive`: x0 at chain step k = every*j into slot j."""
+    def record(k: int, pred_xstart: torch.Tensor) -> None:
+        if k % every == 0:  # descending loop: slot j ends at k = every*j
+            rec[:, k // every] = pred_xstart
+    return record
 
 
 def _sample_impl(diffusion, model, shape, seeds, *, batch_size, device, sampler, steps, spacing, eta, clip_denoised,
@@ -92,8 +100,11 @@ def _sample_impl(diffusion, model, shape, seeds, *, batch_size, device, sampler,
     if batch_size < 1:
         raise SamplingOptionError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
-    chain = make_chain(diffusion, device, steps, spacing, clip_denoised, eta, sampler_options)
-    unit = samplers.get(sampler)(chain)
+    cls = samplers.get(sampler)
+    # steps counts network calls; a sampler with extra calls per chain (pndm) walks fewer timesteps
+    chain = make_chain(diffusion, device, None if steps is None else cls.chain_steps(steps), spacing,
+                       clip_denoised, eta, sampler_options)
+    unit = cls(chain)
     if x_T is not None:
         x_T = _check_per_image("x_T", x_T, N, shape)
     kwargs = {k: _check_per_image(f"model_kwargs[{k!r}]", v, N) for k, v in (model_kwargs or {}).items()}
@@ -114,14 +125,8 @@ def _sample_impl(diffusion, model, shape, seeds, *, batch_size, device, sampler,
                 x = x_T[i:i + B].to(device, torch.float32)
             denoise = Denoiser(net, chain, B, amp_dtype, {k: v[i:i + B].to(device) for k, v in kwargs.items()},
                                guidance, on_call=None if pbar is None else (lambda: pbar.update(1)))
-            rec, callback = None, None
-            if every is not None:
-                rec = torch.empty((B, n_slots, *shape), dtype=torch.float32, device=device)
-
-                def callback(k, pred_xstart, rec=rec):
-                    if k % every == 0:  # descending loop: slot j ends at k = every*j
-                        rec[:, k // every] = pred_xstart
-
+            rec = None if every is None else torch.empty((B, n_slots, *shape), dtype=torch.float32, device=device)
+            callback = None if rec is None else _recorder(rec, every)
             finals.append(unit.run(denoise, x, noise, callback).to("cpu", torch.float32))
             if rec is not None:
                 records.append(rec.to("cpu", torch.float32))

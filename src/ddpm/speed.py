@@ -30,9 +30,11 @@ class Speed:
         compile: ``torch.compile`` the network call (inductor); one compilation per architecture
             and batch shape, reused by later calls in the process.
         cuda_graph: on CUDA, replay the network from a CUDA graph (ignored elsewhere).
-        winograd: run the wide 3x3 convolutions as Winograd F(4x4, 3x3) (:mod:`ddpm.winograd`);
-            None = on for eager float32 CPU runs (never with ``compile`` or an autocast dtype),
-            False = the direct convolution.
+        winograd: the 3x3 convolutions as Winograd F(4x4, 3x3) (:mod:`ddpm.winograd`). None (the
+            default) = on for eager float32 CPU runs (never with ``compile`` or an autocast dtype),
+            each conv shape routed to whichever of Winograd and the direct convolution the
+            autotuner (:mod:`ddpm.autotune`) measured faster on this machine; True = Winograd for
+            every wide conv, untimed (``--conv winograd``); False = the direct convolution.
     """
 
     channels_last: bool | None = None
@@ -61,5 +63,5 @@ def fast_network(model: Callable, device, shape: Sequence[int], speed: Speed | N
     fm = FastModel(model, device, channels_last=speed.channels_last, compile=speed.compile,
                    cuda_graph=speed.cuda_graph, image_hw=tuple(shape[-2:]))
     with (_channels_last_weights(model, enabled=fm.channels_last), lowp_weights(model, amp_dtype),
-          winograd_convs(model, enabled=bool(winograd))):
+          winograd_convs(model, enabled=bool(winograd), autotune=False if speed.winograd else None)):
         yield fm

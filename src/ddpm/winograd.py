@@ -16,13 +16,18 @@ convolution of a trained digits model it changes test bits/dim by -1.5e-8 +- 4.1
 pixel of the 32,000 in 500 samples by one level (benchmarks/winograd_quality.py).
 
 Use :func:`winograd_convs` as a context manager around a loop of network calls: it routes every
-eligible ``nn.Conv2d`` (3x3, stride 1, padding 1, no dilation or groups, float32 on the CPU, at
-least :data:`MIN_CHANNELS` channels in and out) through :func:`winograd_conv2d`, and falls back to
-the module's own forward for anything else (autograd unless ``autograd=True``, autocast, other
-dtypes or devices, calls with too few tiles to pay: :data:`MIN_WORK`). Measured on one AVX2 core
-(benchmarks/README.md): 1.1-1.6x on single 128-channel convolutions, 1.6-2.2x on 256-channel
-ones, 2.3-3x on weight gradients; sampling the CIFAR-10 U-Net at batch 64 ~1.3x over the direct
-NHWC path.
+eligible ``nn.Conv2d`` (3x3, stride 1, padding 1, no dilation or groups, float32 on the CPU) and
+falls back to the module's own forward for anything else (autograd unless ``autograd=True``,
+autocast, other dtypes or devices, calls with too few tiles to pay: :data:`MIN_WORK`).
+
+Whether Winograd is faster depends on the CPU: measured on one AVX2 core (benchmarks/README.md)
+1.1-1.6x on single 128-channel convolutions, 1.6-2.2x on 256-channel ones, 2.3-3x on weight
+gradients; on an AVX-512/AMX Xeon, whose oneDNN direct kernels are faster, much less. So by
+default each eligible call's (shape, batch, dtype, layout, autograd) is decided by timing both
+ways at its first occurrence (:mod:`ddpm.autotune`, cached on disk per CPU, torch version and
+thread count; convolutions with at least :data:`TUNE_MIN_CHANNELS` channels are candidates).
+With ``DDPM_AUTOTUNE=0`` or ``autotune=False`` the static rule applies instead: Winograd for
+every convolution with at least :data:`MIN_CHANNELS` channels in and out (the AVX2 crossover).
 
 Matrices (F(4, 3), interpolation points 0, +-1, +-2, inf), for a 1-D tile d (6), filter g (3),
 output y (4):  y = A^T [(G g) * (B^T d)].  2-D: Y = A^T [(G g G^T) * (B^T d B)] A.
@@ -38,8 +43,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MIN_CHANNELS", "MIN_WORK", "GROUP_MAX", "M", "ALPHA", "transform_weight", "winograd_conv2d",
-           "winograd_weight_grad", "Workspace", "winograd_convs", "is_eligible"]
+from . import autotune as _autotune
+
+__all__ = ["MIN_CHANNELS", "TUNE_MIN_CHANNELS", "MIN_WORK", "GROUP_MAX", "M", "ALPHA", "transform_weight",
+           "winograd_conv2d", "winograd_weight_grad", "Workspace", "winograd_convs", "is_eligible"]
 
 M = 4  # output tile size
 ALPHA = M + 2  # input tile size (M + r - 1, r = 3)
@@ -49,6 +56,10 @@ ALPHA = M + 2  # input tile size (M + r - 1, r = 3)
 # below 1, so not used. C = 128: 1.1-1.6x from 16 tiles on (0.53x at 4). C = 256: 1.6-2.2x from
 # 16 tiles on (1.0x at 4).
 MIN_CHANNELS = 128
+# Under autotuning, narrower convolutions are timed too; below 64 channels the 36 products are too
+# narrow ([tiles, C] x [C, C] with C < 64) to amortise the transforms' passes on any CPU, so they
+# are not even timed (the digits preset's 32-channel convolutions are not; its 64-channel ones are).
+TUNE_MIN_CHANNELS = 64
 MIN_WORK = 2048  # tiles (batch * ceil(H/4) * ceil(W/4)) times min(C_in, C_out)
 # Up to this many elements (tiles x channels) per transformed slice, each transform pass covers
 # all tile rows/columns at once; above it, row by row (measured crossover, see winograd_conv2d).
@@ -291,14 +302,15 @@ def winograd_weight_grad(x: torch.Tensor, grad_out: torch.Tensor,
     return dw.view(3, 3, c_in, c_out).permute(3, 2, 0, 1).contiguous()
 
 
-def is_eligible(conv: nn.Module) -> bool:
+def is_eligible(conv: nn.Module, min_channels: int | None = None) -> bool:
     """Whether :func:`winograd_convs` may route this module: an ``nn.Conv2d`` computing a 3x3,
     stride-1, padding-1, undilated, ungrouped, zero-padded convolution with at least
-    :data:`MIN_CHANNELS` input and output channels."""
+    ``min_channels`` (default :data:`MIN_CHANNELS`) input and output channels."""
+    floor = MIN_CHANNELS if min_channels is None else int(min_channels)
     return (type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (1, 1)
             and conv.padding in ((1, 1), "same") and conv.dilation == (1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros" and conv.in_channels >= MIN_CHANNELS
-            and conv.out_channels >= MIN_CHANNELS)
+            and conv.padding_mode == "zeros" and conv.in_channels >= floor
+            and conv.out_channels >= floor)
 
 
 def _weight_format(weight: torch.Tensor) -> torch.memory_format:
@@ -340,12 +352,14 @@ class _WinogradForward:
     Without autograd the transformed weight is cached and recomputed if the weight tensor changes
     (new storage, as with :func:`ddpm.fast.channels_last`, or an in-place update); with autograd
     (``autograd=True``: training) it is recomputed at every call, since the optimiser changes the
-    weights at every step."""
+    weights at every step. With ``tuned``, each call that could use Winograd asks
+    :func:`ddpm.autotune.choose` (timed once per shape, batch, layout and mode) which way is faster."""
 
-    def __init__(self, conv: nn.Conv2d, workspace: Workspace, autograd: bool = False):
-        self.conv, self.workspace, self.autograd = conv, workspace, autograd
+    def __init__(self, conv: nn.Conv2d, workspace: Workspace, autograd: bool = False, tuned: bool = False):
+        self.conv, self.workspace, self.autograd, self.tuned = conv, workspace, autograd, tuned
         self._key = None
         self._u = None
+        self._choices: dict[str, str] = {}  # this block's decisions (no candidates built once known)
 
     def _transformed(self) -> torch.Tensor:
         wt = self.conv.weight
@@ -370,8 +384,48 @@ class _WinogradForward:
             return "grad" if self.autograd else "direct"
         return "infer"
 
+    def _tune_key(self, x: torch.Tensor, mode: str) -> str:
+        c_out, c_in = self.conv.weight.shape[:2]
+        layout = "nhwc" if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous() else "nchw"
+        bsz, _, h, w = x.shape
+        return (f"conv3x3|{c_in}->{c_out}|{bsz}x{h}x{w}|{str(x.dtype).removeprefix('torch.')}|{layout}|{mode}"
+                f"|bias={self.conv.bias is not None}")
+
+    def _candidates(self, x: torch.Tensor, mode: str) -> dict:
+        """Zero-argument callables doing this call's work each way (for the timing). In "grad"
+        mode each runs the forward pass and the backward pass for the tensors that need gradients
+        (into ``torch.autograd.grad``: the parameters' ``.grad`` are not touched)."""
+        conv = self.conv
+        if mode == "infer":
+            return {"direct": lambda: nn.Conv2d.forward(conv, x),
+                    "winograd": lambda: winograd_conv2d(x, self._transformed(), conv.bias, self.workspace)}
+        xg = x.detach().requires_grad_(x.requires_grad)
+        wrt = [t for t in (xg, conv.weight, conv.bias) if t is not None and t.requires_grad]
+        fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        gy = torch.full((x.shape[0], conv.out_channels, *x.shape[2:]), 1e-3, dtype=x.dtype,
+                        device=x.device).contiguous(memory_format=fmt)
+
+        def direct():
+            with torch.enable_grad():
+                torch.autograd.grad(nn.Conv2d.forward(conv, xg), wrt, gy)
+
+        def winograd():
+            with torch.enable_grad():
+                u = transform_weight(conv.weight, torch.float32)
+                torch.autograd.grad(_WinogradFn.apply(xg, conv.weight, conv.bias, u, self.workspace), wrt, gy)
+
+        return {"direct": direct, "winograd": winograd}
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         mode = self.mode(x)
+        if mode != "direct" and self.tuned:
+            # (the timed calls draw no random numbers: a seeded run's noise is unchanged)
+            key = self._tune_key(x, mode)
+            choice = self._choices.get(key)
+            if choice is None:
+                choice = self._choices[key] = _autotune.choose(key, self._candidates(x, mode), baseline="direct")
+            if choice == "direct":
+                mode = "direct"
         if mode == "infer":
             return winograd_conv2d(x, self._transformed(), self.conv.bias, self.workspace)
         if mode == "grad":
@@ -381,20 +435,31 @@ class _WinogradForward:
 
 
 @contextlib.contextmanager
-def winograd_convs(model: nn.Module, enabled: bool = True, autograd: bool = False) -> Iterator[int]:
-    """Within the block, every eligible conv of ``model`` (:func:`is_eligible`) runs through
+def winograd_convs(model: nn.Module, enabled: bool = True, autograd: bool = False,
+                   autotune: bool | None = None) -> Iterator[int]:
+    """Within the block, every eligible conv of ``model`` (:func:`is_eligible`) may run through
     :func:`winograd_conv2d` whenever the call allows it (CPU, float32, no autocast, enough work);
     calls that need gradients do so only with ``autograd=True`` (training: the forward pass, the
     input gradient and the weight gradient all by Winograd). Other calls use the module's own
-    forward. Yields the number of convs routed. On exit the module is exactly as before (the
+    forward.
+
+    ``autotune`` (None: on unless ``DDPM_AUTOTUNE=0``, see :mod:`ddpm.autotune`): convs with at
+    least :data:`TUNE_MIN_CHANNELS` channels are candidates, and each call shape uses Winograd
+    only where timing it on this machine found it faster than the direct convolution. False:
+    every conv with at least :data:`MIN_CHANNELS` channels uses Winograd (``--conv winograd``).
+
+    Yields the number of convs routed (candidates). On exit the module is exactly as before (the
     per-instance ``forward`` is removed, or an enclosing block's restored) and the scratch memory
     is freed. Not for concurrent calls of the same model from several threads (one workspace).
     """
-    convs = [m for m in model.modules() if is_eligible(m)] if enabled and isinstance(model, nn.Module) else []
+    tuned = _autotune.enabled() if autotune is None else bool(autotune)
+    floor = TUNE_MIN_CHANNELS if tuned else MIN_CHANNELS
+    convs = ([m for m in model.modules() if is_eligible(m, floor)]
+             if enabled and isinstance(model, nn.Module) else [])
     workspace = Workspace()
     previous = [conv.__dict__.get("forward") for conv in convs]  # an enclosing block's routing
     for conv in convs:
-        conv.forward = _WinogradForward(conv, workspace, autograd)
+        conv.forward = _WinogradForward(conv, workspace, autograd, tuned)
     try:
         yield len(convs)
     finally:

@@ -7,6 +7,10 @@ channels = 3 is repeated into RGB. Nothing is resized: a mismatch is a :class:`D
 naming the expected shape. Pickled (object) arrays are never loaded. A ``.npy`` is memory-mapped,
 so a large file costs no RAM until its images are read; an ``.npz`` member is read into memory
 after its header has been checked (dtype, shape and byte count) without reading the data.
+
+Class labels (class-conditional models only): an ``.npz`` may hold an integer array [N] under
+``arr_1`` (``np.savez(f, images, labels)``, the ADM evaluator's sample files), ``labels`` or
+``y``; it is read, and checked, the first time ``labels`` is asked for. A ``.npy`` is unlabelled.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from ..errors import DataError
 from .base import ArrayDataset, one_line
 
 PREFERRED_KEYS = ("images", "arr_0")
+LABEL_KEYS = ("arr_1", "labels", "y")
 
 
 def _shape_text(shape) -> str:
@@ -112,9 +117,47 @@ def load_array(path: str | os.PathLike, resolution: Optional[int] = None,
     return arr[..., None] if arr.ndim == 3 else arr
 
 
+def load_labels(path: str | os.PathLike, n: int) -> Optional[np.ndarray]:
+    """int64 [n] class labels of an ``.npz`` (first of ``LABEL_KEYS`` present), or None.
+
+    Raises DataError when the label array is not n integers >= 0.
+    """
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            if not f.read(2).startswith(b"PK"):
+                return None
+        with zipfile.ZipFile(path) as zf:
+            names = {i.filename[:-4] for i in zf.infolist() if i.filename.endswith(".npy")}
+            key = next((k for k in LABEL_KEYS if k in names), None)
+            if key is None:
+                return None
+            with zf.open(key + ".npy") as f:
+                y = np.lib.format.read_array(f, allow_pickle=False)
+    except Exception as exc:
+        raise DataError(f"cannot read the labels of '{path}': {one_line(exc) or type(exc).__name__}") from None
+    what = f"'{path}' array '{key}'"
+    if y.dtype.kind not in "iu" or y.ndim != 1 or len(y) != n:
+        raise DataError(f"{what} holds {y.dtype.name} {_shape_text(y.shape)}; expected {n} integer class labels "
+                        f"(one per image)")
+    if n and int(y.min()) < 0:
+        raise DataError(f"{what} has a negative label {int(y.min())}; expected class labels 0, 1, ...")
+    return y.astype(np.int64)
+
+
 class ArrayFileDataset(ArrayDataset):
-    """A ``.npy``/``.npz`` of uint8 images [N, resolution, resolution, C]."""
+    """A ``.npy``/``.npz`` of uint8 images [N, resolution, resolution, C] (labels: see the module doc)."""
 
     def __init__(self, path: str | os.PathLike, resolution: int, channels: int, source: str, **kw):
         arr = load_array(path, resolution, channels)
         super().__init__(arr, Path(path).stem, source, channels, **kw)
+        self.path = Path(path)
+        self._labels: Optional[np.ndarray] = None
+        self._labels_read = False
+
+    @property
+    def labels(self) -> Optional[np.ndarray]:  # read on first use: unconditional runs never need them
+        if not self._labels_read:
+            self._labels = load_labels(self.path, len(self))
+            self._labels_read = True
+        return self._labels

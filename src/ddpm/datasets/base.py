@@ -39,7 +39,23 @@ class ImageDataset(Dataset):
     ``name`` is a short label (``digits``, ``cifar10``, a folder or file name), ``source`` the
     string the dataset was opened from, ``skipped`` how many bad files were skipped so far
     (only ever non-zero with ``skip_bad=True``).
+
+    Class labels (for class-conditional models): ``labels`` is int64 [len] aligned with the
+    items, or None when the data carries none; ``class_names`` the names of labels 0, 1, ...
+    (or None when the source only has numbers); ``num_classes`` the count they imply.
     """
+
+    labels: Optional[np.ndarray] = None
+    class_names: Optional[tuple[str, ...]] = None
+
+    @property
+    def num_classes(self) -> int:
+        """len(class_names), else 1 + the largest label, else 0 (unlabelled)."""
+        if self.class_names is not None:
+            return len(self.class_names)
+        if self.labels is not None and len(self.labels):
+            return int(np.max(self.labels)) + 1
+        return 0
 
     def __init__(self, name: str, source: str, resolution: int, channels: int,
                  skip_bad: bool = False, log: Log = None):

@@ -3,8 +3,9 @@
 ``cifar-10-python.tar.gz`` (or its extracted ``cifar-10-batches-py/`` folder) holds Python 2
 pickles: ``data_batch_1`` .. ``data_batch_5`` (train, 5 x 10,000 images) and ``test_batch``
 (10,000), each a dict whose ``data`` entry is a uint8 array [N, 3072] in CHW order
-(1024 red, 1024 green, 1024 blue values, rows top to bottom). Labels are ignored (the paper's
-models are unconditional, spec section 8.3).
+(1024 red, 1024 green, 1024 blue values, rows top to bottom), and ``labels``, N class indices
+0..9 (``CLASS_NAMES`` order). The paper's models are unconditional and ignore them; the
+dataset keeps them as ``labels`` for class-conditional models.
 
 A pickle can run any callable it names. :class:`SafeUnpickler` therefore resolves only the few
 globals numpy needs to rebuild an array (``_reconstruct``, ``ndarray``, ``dtype``,
@@ -33,6 +34,8 @@ FOLDER_NAME = "cifar-10-batches-py"
 # it is read into memory (a tar member can declare, and a gzip stream can inflate to, any size).
 MAX_MEMBER_BYTES = 256 * 1024 * 1024
 _EXPECTED = "expected the CIFAR-10 python version (cifar-10-python.tar.gz or its cifar-10-batches-py folder)"
+# batches.meta's label_names, in label order.
+CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
 def _latin1_encode(text, encoding="utf-8", errors="strict"):
@@ -145,6 +148,26 @@ def is_cifar_folder(path: Path) -> bool:
 
 def load_cifar(path: str | os.PathLike, split: str) -> np.ndarray:
     """uint8 [N, 32, 32, 3]: train = data_batch_1..5 in order, test = test_batch."""
+    return load_cifar_with_labels(path, split)[0]
+
+
+def _batch_labels(obj: dict, what: str) -> np.ndarray | None:
+    """int64 [N] labels of a batch dict already checked by ``_batch_images`` (None if absent)."""
+    labels = obj.get(b"labels", obj.get("labels"))
+    if labels is None:
+        return None
+    try:
+        y = np.asarray(labels, dtype=np.int64).reshape(-1)
+    except (TypeError, ValueError):
+        raise DataError(f"'{what}' entry 'labels' is not a list of integers; {_EXPECTED}") from None
+    if y.size and (y.min() < 0 or y.max() >= len(CLASS_NAMES)):
+        raise DataError(f"'{what}' has labels outside 0..{len(CLASS_NAMES) - 1} (found {int(y.min())}..{int(y.max())}); "
+                        f"{_EXPECTED}")
+    return y
+
+
+def load_cifar_with_labels(path: str | os.PathLike, split: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(uint8 [N, 32, 32, 3], int64 [N] labels or None if a batch lacks them), as :func:`load_cifar`."""
     path = Path(path)
     wanted = TRAIN_MEMBERS if split == "train" else TEST_MEMBERS
     if path.is_dir():
@@ -156,7 +179,14 @@ def load_cifar(path: str | os.PathLike, split: str) -> np.ndarray:
     missing = [m for m in wanted if m not in raw]
     if missing:
         raise DataError(f"'{path}' lacks {', '.join(missing)} (the CIFAR-10 {split} split); {_EXPECTED}")
-    return np.concatenate([_batch_images(safe_load(raw[m], f"{path}: {m}"), f"{path}: {m}") for m in wanted])
+    images, labels = [], []
+    for m in wanted:
+        what = f"{path}: {m}"
+        obj = safe_load(raw[m], what)
+        images.append(_batch_images(obj, what))
+        labels.append(_batch_labels(obj, what))
+    y = None if any(v is None for v in labels) else np.concatenate(labels)
+    return np.concatenate(images), y
 
 
 class CifarDataset(ArrayDataset):
@@ -171,7 +201,9 @@ class CifarDataset(ArrayDataset):
         if resolution > 32:
             raise DataError(f"CIFAR-10 images are 32x32, smaller than the resolution {resolution} "
                             f"(expected a resolution <= 32; images are never enlarged)")
-        super().__init__(load_cifar(path, split), "cifar10", source, channels, **kw)
+        images, self.labels = load_cifar_with_labels(path, split)
+        super().__init__(images, "cifar10", source, channels, **kw)
+        self.class_names = CLASS_NAMES if self.labels is not None else None
         self.resolution = int(resolution)
         self.repeat_gray = False
         self._raw = resolution == 32 and channels == 3

@@ -72,3 +72,4 @@ class DigitsDataset(ArrayDataset):
     def __init__(self, split: str, resolution: int, channels: int, source: str = "digits", **kw):
         super().__init__(_digits_array(split, int(resolution), int(channels)), "digits", source, channels, **kw)
         self.labels = digits_labels(split)
+        self.class_names = tuple(str(k) for k in range(10))

@@ -17,6 +17,11 @@ Bad files are found in two places:
    the bad file is remembered so it is decoded (and counted) once per process.
 
 ``skipped`` counts both kinds (per process: DataLoader workers keep their own counts).
+
+Class labels: when every image lies inside a subfolder of the root, the top-level subfolder is
+its class (``root/cat/x.png`` -> "cat"); ``class_names`` are those folder names sorted, and
+``labels`` each file's index in that list (taken before bad files are skipped, so skipping
+never renumbers the classes). Images directly in the root make the folder unlabelled.
 """
 
 from __future__ import annotations
@@ -68,6 +73,11 @@ class FolderDataset(ImageDataset):
                             f"skipped as bad; expected PNG, JPEG or WebP images at least "
                             f"{self.resolution}x{self.resolution}")
         self._bad: set[int] = set()
+        tops = [f.relative_to(root).parts for f in files]
+        if all(len(parts) >= 2 for parts in tops):
+            self.class_names = tuple(sorted({parts[0] for parts in tops}))
+            index = {name: k for k, name in enumerate(self.class_names)}
+            self.labels = np.array([index[f.relative_to(root).parts[0]] for f in self.files], dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.files)

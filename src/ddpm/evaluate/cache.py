@@ -6,13 +6,12 @@ writing at once never leave a half-written file behind.
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
 import numpy as np
 
-from ddpm.checkpoint import atomic_write_bytes
+from ddpm.atomic import atomic_write_npz
 
 
 def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -28,10 +27,7 @@ def default_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 def save_npz(path: str | os.PathLike, **arrays: np.ndarray) -> None:
     """Write ``arrays`` to ``path`` as an uncompressed npz, atomically."""
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_npz(path, **arrays)
 
 
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:

@@ -13,6 +13,10 @@ the role of Inception's pool_3 features:
   near 0.1 instead of an MLP's usual over-confidence.
 - ``class_histogram`` (10 counts of the argmax class), ``class_entropy`` (bits, at most
   log2(10)) and ``balance`` = entropy / log2(10) in [0, 1]: mode coverage.
+- for labelled samples (a class-conditional model's, requested class y per image):
+  ``agreement``, the fraction whose argmax class is y, overall and per requested class
+  (``agreement_per_class``): how well the model follows its label (classifier-free guidance
+  trades it against diversity, i.e. the Fréchet distance).
 """
 
 from __future__ import annotations
@@ -171,28 +175,38 @@ def _as_digits(samples: Any) -> np.ndarray:
     return u8
 
 
-def digits_quality(samples: Any, cache_dir: str | os.PathLike | None = None) -> dict[str, Any]:
+def digits_quality(samples: Any, cache_dir: str | os.PathLike | None = None,
+                   labels: np.ndarray | None = None) -> dict[str, Any]:
     """Quality of 8x8 digit samples.
 
     Args:
         samples: uint8 [N, 8, 8, 1] (or C = 3 grey), float [N, C, 8, 8] in [-1, 1], a ``.npz``
             or an image folder (see :func:`ddpm.evaluate.fid.load_samples`). N >= 2.
         cache_dir: where the classifier is cached (default ``$DDPM_CACHE_DIR`` or ``~/.cache/ddpm``).
+        labels: int64 [N] requested classes 0..9 of labelled samples, or None.
     Returns:
         dict with ``fd`` (Fréchet distance to the real TEST split in the classifier's feature
         space), ``confidence`` (mean max probability), ``class_histogram`` (10 ints),
-        ``class_entropy`` (bits), ``balance`` (entropy / log2 10), ``n``.
+        ``class_entropy`` (bits), ``balance`` (entropy / log2 10), ``n``; with ``labels`` also
+        ``agreement`` (fraction classified as their requested class) and
+        ``agreement_per_class`` (10 entries, None for a class with no samples).
     """
     u8 = _as_digits(samples)
     if u8.shape[0] < 2:
         raise DataError(f"digits quality needs at least 2 samples, got {u8.shape[0]}")
+    if labels is not None:
+        from ddpm.conditioning import check_labels
+
+        labels = check_labels(labels, NUM_CLASSES, "digits quality sample labels")
+        if len(labels) != u8.shape[0]:
+            raise DataError(f"digits quality: {len(labels)} labels for {u8.shape[0]} samples; expected one per sample")
     clf = load_classifier(cache_dir)
     feats, probs = _forward(clf, _flat(u8))
     mu, sigma = feature_statistics(feats)
     hist = np.bincount(probs.argmax(1), minlength=NUM_CLASSES)
     freq = hist / hist.sum()
     entropy = float(-(freq[freq > 0] * np.log2(freq[freq > 0])).sum())
-    return {
+    out = {
         "fd": frechet_distance(mu, sigma, clf["test_mu"], clf["test_sigma"]),
         "confidence": float(probs.max(1).mean()),
         "class_histogram": [int(c) for c in hist],
@@ -200,6 +214,12 @@ def digits_quality(samples: Any, cache_dir: str | os.PathLike | None = None) -> 
         "balance": entropy / math.log2(NUM_CLASSES),
         "n": int(u8.shape[0]),
     }
+    if labels is not None:
+        hit = probs.argmax(1) == labels
+        out["agreement"] = float(hit.mean())
+        out["agreement_per_class"] = [float(hit[labels == c].mean()) if (labels == c).any() else None
+                                      for c in range(NUM_CLASSES)]
+    return out
 
 
 def digits_reference(cache_dir: str | os.PathLike | None = None, n_noise: int = 1000) -> dict[str, Any]:

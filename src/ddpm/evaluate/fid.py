@@ -465,7 +465,7 @@ def generate_samples(diffusion, model, n: int, image_shape: Sequence[int], *, se
     if seeds:
         x = sample(diffusion, model, tuple(image_shape), seeds, batch_size=batch_size, device=device,
                    amp_dtype=amp_dtype, progress=progress)
-        local = x if isinstance(x, np.ndarray) and x.dtype == np.uint8 else to_uint8(torch.as_tensor(x))
+        local = to_uint8(x)  # sample() returns float32 [N, C, H, W] in [-1, 1]
     else:
         c, h, w = image_shape
         local = np.zeros((0, h, w, c), np.uint8)

@@ -10,7 +10,6 @@ padding). A grid of R rows and K columns of HxW images, enlarged ``scale`` times
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -114,8 +113,9 @@ def save_labelled_grid(images, path: str | os.PathLike, row_labels: Sequence[str
                 ax.set_ylabel(str(row_labels[i]), fontsize=8)
     if title:
         fig.suptitle(title)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    from ddpm.atomic import atomic_save_figure
+
+    atomic_save_figure(path, fig)
 
 
 __all__ = ["save_progressive", "save_chains", "save_interpolation", "save_labelled_grid"]

@@ -77,9 +77,10 @@ class NLLResult:
         return json.dumps(self.to_dict(), indent=1)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write :meth:`to_json` to ``path`` (folders created)."""
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(self.to_json() + "\n")
+        """Write :meth:`to_json` to ``path`` atomically (folders created)."""
+        from ddpm.atomic import atomic_write_text
+
+        atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "NLLResult":
@@ -123,8 +124,9 @@ def _np64(x) -> np.ndarray:
 def nll_shard(model, diffusion, images_u8: np.ndarray, *, rank: int = 0, world_size: int = 1,
               batch_size: int = 64, seed: int = 0, device: str | torch.device = "cpu",
               clip_denoised: bool = True, amp_dtype: torch.dtype | None = None,
-              progress: bool = False) -> dict[str, Any]:
-    """Bits/dim of this rank's contiguous shard of ``images_u8`` (uint8 [N, H, W, C]).
+              progress: bool = False, labels: np.ndarray | None = None) -> dict[str, Any]:
+    """Bits/dim of this rank's contiguous shard of ``images_u8`` (uint8 [N, H, W, C]); ``labels``
+    (int64 [N], class-conditional models) are passed to the network as ``y``.
 
     Returns a dict: ``indices`` int64 [n_r] (global), per-image ``total``, ``prior``,
     ``decoder`` float64 [n_r], and ``terms_sum``, ``mse_sum`` float64 [T] (sums over the shard).
@@ -142,9 +144,10 @@ def nll_shard(model, diffusion, images_u8: np.ndarray, *, rank: int = 0, world_s
         for s in starts:
             b = idx[s:s + batch_size]
             x0 = to_model(images_u8[b], device=device)
+            kw = None if labels is None else {"y": torch.as_tensor(np.asarray(labels)[b], device=device)}
             out = diffusion.calc_bpd_loop(model, x0, clip_denoised=clip_denoised,
                                           seeds=[int(seed) + int(k) for k in b], progress=False,
-                                          amp_dtype=amp_dtype)
+                                          amp_dtype=amp_dtype, model_kwargs=kw)
             terms, mse = _np64(out["terms_bpd"]), _np64(out["mse"])
             totals.append(_np64(out["total_bpd"]))
             priors.append(_np64(out["prior_bpd"]))
@@ -188,7 +191,8 @@ def merge_shards(shards: list[dict[str, Any]], meta: dict | None = None) -> NLLR
 
 def evaluate_nll(model, diffusion, images_u8: np.ndarray, *, batch_size: int = 64, seed: int = 0,
                  device: str | torch.device = "cpu", clip_denoised: bool = True,
-                 amp_dtype: torch.dtype | None = None, progress: bool = True) -> NLLResult:
+                 amp_dtype: torch.dtype | None = None, progress: bool = True,
+                 labels: np.ndarray | None = None) -> NLLResult:
     """Bits/dim of every image in ``images_u8`` (uint8 [N, H, W, C]) with all T VLB terms.
 
     Args:
@@ -200,6 +204,8 @@ def evaluate_nll(model, diffusion, images_u8: np.ndarray, *, batch_size: int = 6
         clip_denoised: clip x̂0 to [-1, 1] (the official evaluation does; spec 5.5).
         amp_dtype: e.g. ``torch.bfloat16`` to run the network under autocast (the VLB math
             stays in float32).
+        labels: int64 [N] class labels for a class-conditional model: the result is then the
+            class-conditional bits/dim -log2 p(x | y) / D.
     Returns:
         :class:`NLLResult`. With ``torch.distributed`` initialised, each rank evaluates a
         contiguous shard and every rank receives the merged result in the original order.
@@ -210,8 +216,9 @@ def evaluate_nll(model, diffusion, images_u8: np.ndarray, *, batch_size: int = 6
     rank, world = dist_info()
     shard = nll_shard(model, diffusion, images_u8, rank=rank, world_size=world, batch_size=batch_size, seed=seed,
                       device=device, clip_denoised=clip_denoised, amp_dtype=amp_dtype,
-                      progress=progress and rank == 0)
+                      progress=progress and rank == 0, labels=labels)
     shards = all_gather_objects(shard)
     meta = {"seed": int(seed), "clip_denoised": bool(clip_denoised), "world_size": world,
+            "class_conditional": labels is not None,
             "amp_dtype": None if amp_dtype is None else str(amp_dtype).replace("torch.", "")}
     return merge_shards(shards, meta)

@@ -21,9 +21,8 @@ all images, i.e. ``sqrt(‖x0 - x̂0‖²/D)`` with D counting every pixel of th
 from __future__ import annotations
 
 import csv
-import json
+import io
 import os
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -72,17 +71,18 @@ def format_table(rows: Sequence[dict], every: int = 100) -> str:
 
 def save_rd(rows: Sequence[dict], json_path: str | os.PathLike | None = None,
             csv_path: str | os.PathLike | None = None) -> None:
-    """Write the rows as JSON (a list of objects) and/or CSV (header + one line per row)."""
+    """Write the rows as JSON (a list of objects) and/or CSV (header + one line per row), each atomically."""
+    from ..atomic import atomic_write_json, atomic_write_text
+
     if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(list(rows), indent=1) + "\n")
+        atomic_write_json(json_path, list(rows), indent=1)
     if csv_path is not None:
-        Path(csv_path).parent.mkdir(parents=True, exist_ok=True)
-        with open(csv_path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["reverse_steps", "t", "rate_bpd", "distortion_rmse"])
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: r[k] for k in w.fieldnames})
+        buf = io.StringIO(newline="")
+        w = csv.DictWriter(buf, fieldnames=["reverse_steps", "t", "rate_bpd", "distortion_rmse"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r[k] for k in w.fieldnames})
+        atomic_write_text(csv_path, buf.getvalue())
 
 
 def plot_rd(rows: Sequence[dict], png_path: str | os.PathLike, title: str | None = None) -> None:
@@ -107,5 +107,6 @@ def plot_rd(rows: Sequence[dict], png_path: str | os.PathLike, title: str | None
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    Path(png_path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png_path)
+    from ..atomic import atomic_save_figure
+
+    atomic_save_figure(png_path, fig)

@@ -9,20 +9,10 @@ Without an initialised process group everything runs as rank 0 of 1.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world_size) of the initialised default process group, else (0, 1)."""
-    try:
-        import torch.distributed as dist
-    except ImportError:  # pragma: no cover - torch built without distributed
-        return 0, 1
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from ddpm.distributed import all_gather_object as all_gather_objects  # noqa: F401 (the shared helper)
+from ddpm.distributed import dist_info
 
 
 def shard_indices(n: int, rank: int, world_size: int) -> np.ndarray:
@@ -51,15 +41,3 @@ def rank_seeds(n: int, seed: int, rank: int | None = None, world_size: int | Non
         rank = r if rank is None else rank
         world_size = w if world_size is None else world_size
     return [int(seed) + int(k) for k in shard_indices(n, rank, world_size)]
-
-
-def all_gather_objects(obj: Any) -> list[Any]:
-    """``[obj_rank0, obj_rank1, ...]`` on every rank (``[obj]`` without a process group)."""
-    rank, world = dist_info()
-    if world == 1:
-        return [obj]
-    import torch.distributed as dist
-
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out

@@ -17,6 +17,7 @@ Correspondence (see ``ddpm.nets.unet`` for our names; ``L`` = number of levels):
     up.{l}.block|attn.{j}                  up_blocks.{L-1-l}.resnets|attentions.{j}
     up.{l}.upsample.conv                   up_blocks.{L-1-l}.upsamplers.0.conv
     norm_out / conv_out                    conv_norm_out / conv_out
+    class_emb                              class_embedding (conditional models)
 
 The architectures agree exactly when the diffusers config uses the official settings: a
 positional embedding with ``flip_sin_to_cos=False`` and ``freq_shift=1`` (sin first, divisor
@@ -25,6 +26,13 @@ equal to the block's channels), ``downsample_padding=0`` (pad right/bottom by on
 additive time embedding, a mid block with attention, and ``block_out_channels[0] == ch``
 (diffusers' ``conv_in`` outputs ``block_out_channels[0]``, the official one ``ch``; so
 ``ch_mult[0]`` must be 1). :func:`diffusers_config_to_model` checks every such field.
+
+Class-conditional models: our ``class_emb`` (num_classes + 1 rows, the last the null label of
+classifier-free guidance) is diffusers' ``class_embedding`` with ``class_embed_type`` null and
+``num_class_embeds = num_classes + 1``; both add it to the time embedding after its MLP, so
+``UNet2DModel(x, t, class_labels=y)`` equals ``UNet(x, t, y)``. A diffusers model with
+``num_class_embeds = N`` therefore reads as ``num_classes = N - 1``: its last row is taken as the
+null label (a model trained without one still converts; guidance then means little).
 """
 
 from __future__ import annotations
@@ -134,8 +142,12 @@ def diffusers_config_to_model(cfg: Mapping[str, Any], where: str = "diffusers co
     need("upsample_type", c["upsample_type"] == "conv", '"conv"')
     need("mid_block_type", c["mid_block_type"] == "UNetMidBlock2D", '"UNetMidBlock2D"')
     need("add_attention", c["add_attention"] is True, "true (the official middle block has attention)")
-    need("class_embed_type", c["class_embed_type"] is None, "null (unconditional)")
-    need("num_class_embeds", c["num_class_embeds"] is None, "null (unconditional)")
+    need("class_embed_type", c["class_embed_type"] is None,
+         "null (unconditional, or a class table with num_class_embeds)")
+    need("num_class_embeds", c["num_class_embeds"] is None
+         or (isinstance(c["num_class_embeds"], int) and not isinstance(c["num_class_embeds"], bool)
+             and c["num_class_embeds"] >= 2),
+         "null (unconditional) or an integer >= 2 (the classes plus the null label)")
     need("layers_per_block", isinstance(c["layers_per_block"], int) and c["layers_per_block"] >= 1,
          "an integer >= 1 (the same for every block)")
     need("dropout", isinstance(c["dropout"], (int, float)) and 0.0 <= c["dropout"] < 1.0, "a number in [0, 1)")
@@ -176,7 +188,8 @@ def diffusers_config_to_model(cfg: Mapping[str, Any], where: str = "diffusers co
         res = (res + 1) // 2
     model = ModelConfig(resolution=size, in_channels=c["in_channels"], ch=ch, ch_mult=ch_mult,
                         num_res_blocks=c["layers_per_block"], attn_resolutions=tuple(attn_res),
-                        dropout=float(c["dropout"]))
+                        dropout=float(c["dropout"]),
+                        num_classes=0 if c["num_class_embeds"] is None else int(c["num_class_embeds"]) - 1)
     try:
         model.validate()
     except ConfigError as e:
@@ -219,7 +232,9 @@ def model_to_diffusers_config(model_cfg: Any, out_channels: int) -> dict[str, An
         "mid_block_scale_factor": 1, "downsample_padding": 0, "downsample_type": "conv", "upsample_type": "conv",
         "dropout": float(mc.dropout), "act_fn": "silu", "attention_head_dim": None, "norm_num_groups": 32,
         "attn_norm_num_groups": None, "norm_eps": 1e-06, "resnet_time_scale_shift": "default",
-        "add_attention": True, "class_embed_type": None, "num_class_embeds": None, "num_train_timesteps": None,
+        "add_attention": True, "class_embed_type": None,
+        "num_class_embeds": (int(mc.num_classes) + 1) if getattr(mc, "num_classes", 0) else None,
+        "num_train_timesteps": None,
     }
 
 
@@ -385,7 +400,8 @@ def state_dict_from_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch
 
 def _key_from_diffusers(key: str, L: int) -> str | None:
     simple = {"conv_in.": "conv_in.", "time_embedding.linear_1.": "temb.dense0.",
-              "time_embedding.linear_2.": "temb.dense1.", "conv_norm_out.": "norm_out.", "conv_out.": "conv_out."}
+              "time_embedding.linear_2.": "temb.dense1.", "conv_norm_out.": "norm_out.", "conv_out.": "conv_out.",
+              "class_embedding.": "class_emb."}
     for a, b in simple.items():
         if key.startswith(a) and re.fullmatch(_PARAM, key[len(a):]):
             return b + key[len(a):]
@@ -429,7 +445,8 @@ def state_dict_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 
 def _key_to_diffusers(key: str, L: int) -> str | None:
     simple = {"conv_in.": "conv_in.", "temb.dense0.": "time_embedding.linear_1.",
-              "temb.dense1.": "time_embedding.linear_2.", "norm_out.": "conv_norm_out.", "conv_out.": "conv_out."}
+              "temb.dense1.": "time_embedding.linear_2.", "norm_out.": "conv_norm_out.", "conv_out.": "conv_out.",
+              "class_emb.": "class_embedding."}
     for a, b in simple.items():
         if key.startswith(a) and re.fullmatch(_PARAM, key[len(a):]):
             return b + key[len(a):]

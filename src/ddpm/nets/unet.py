@@ -31,7 +31,16 @@ State dict names (the official TF scopes, as in the pesser transplant; ``l`` is 
     up.{l}.block.{j} (j = 0..num_res_blocks), up.{l}.attn.{j}, up.{l}.upsample.conv (l > 0)
     norm_out, conv_out
 
+    class_emb                                    Embedding (num_classes + 1) x 4ch (conditional models only)
+
 ``ddpm.interop.diffusers`` maps these to and from diffusers' ``UNet2DModel`` names.
+
+Class conditioning (``num_classes > 0``; not in the paper, which is unconditional): a learned
+embedding of the label is added to the timestep embedding after the time MLP and before the
+swish every ResBlock applies, exactly where diffusers' ``UNet2DModel(num_class_embeds=...)``
+adds its ``class_embedding``. The table has ``num_classes + 1`` rows; the last row (index
+``num_classes``) is the "null" label of classifier-free guidance (Ho & Salimans 2022), which
+training feeds with probability ``train.p_uncond`` and sampling uses for the unconditional branch.
 
 Attention placement is decided from the configured ``resolution`` (the official code decides at
 run time from the actual size); other input sizes still run, with the same modules.
@@ -129,8 +138,21 @@ class ResBlock(nn.Module):
         self.conv2 = _conv(cout, cout, scale=_ZERO_SCALE)
         self.nin_shortcut = _conv(cin, cout, k=1) if cin != cout else None
 
+    # Activation checkpointing (``model.checkpointing``; set by ``UNet.set_checkpointing``).
+    checkpointing = False
+
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
         """x [B, cin, H, W], temb_act = swish(temb) [B, 4ch] -> [B, cout, H, W]."""
+        if self.checkpointing and torch.is_grad_enabled():
+            # Keep only the inputs; the backward pass reruns _forward. preserve_rng_state (the
+            # default) replays dropout's CPU/CUDA RNG state, so the recomputed mask, hence every
+            # gradient, is bit-identical, and the global RNG ends where it would without it.
+            from torch.utils.checkpoint import checkpoint
+
+            return checkpoint(self._forward, x, temb_act, use_reentrant=False)
+        return self._forward(x, temb_act)
+
+    def _forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
         h = self.conv1(F.silu(self.norm1(x)))
         h = h + self.temb_proj(temb_act)[:, :, None, None]
         h = F.silu(self.norm2(h))
@@ -236,7 +258,8 @@ class _Mid(nn.Module):
 
 def _model_config_kwargs(mc: Any) -> dict[str, Any]:
     return dict(in_channels=mc.in_channels, ch=mc.ch, ch_mult=tuple(mc.ch_mult), num_res_blocks=mc.num_res_blocks,
-                attn_resolutions=tuple(mc.attn_resolutions), dropout=mc.dropout, resolution=mc.resolution)
+                attn_resolutions=tuple(mc.attn_resolutions), dropout=mc.dropout, resolution=mc.resolution,
+                num_classes=int(getattr(mc, "num_classes", 0)))
 
 
 def _presets() -> dict[str, dict[str, Any]]:
@@ -262,7 +285,7 @@ PRESETS: tuple[str, ...] = ("cifar10", "256", "256-large", "digits", "28", "64")
 
 
 class UNet(nn.Module):
-    """The DDPM U-Net. ``model(x, t) -> out``.
+    """The DDPM U-Net. ``model(x, t) -> out``; ``model(x, t, y)`` for a class-conditional one.
 
     Args:
         in_channels: image channels C.
@@ -273,20 +296,23 @@ class UNet(nn.Module):
         attn_resolutions: spatial sizes (of the configured ``resolution``) that get attention.
         dropout: dropout rate inside ResBlocks (train mode only).
         resolution: the input size the model is built for (decides attention placement).
+        num_classes: C > 0 adds a class embedding of C + 1 rows (the last is the null label);
+            0 (default) is the paper's unconditional network.
 
-    ``self.config`` holds these arguments (a dict, JSON-able after tuple -> list).
+    ``self.num_classes`` is that C. ``self.config`` holds these arguments (a dict, JSON-able after tuple -> list).
     """
 
     def __init__(self, in_channels: int = 3, out_channels: int = 3, ch: int = 128,
                  ch_mult: Sequence[int] = (1, 2, 2, 2), num_res_blocks: int = 2,
-                 attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1, resolution: int = 32):
+                 attn_resolutions: Sequence[int] = (16,), dropout: float = 0.1, resolution: int = 32,
+                 num_classes: int = 0):
         super().__init__()
         ch_mult = tuple(int(m) for m in ch_mult)
         attn_resolutions = tuple(int(r) for r in attn_resolutions)
         self.config: dict[str, Any] = dict(in_channels=int(in_channels), out_channels=int(out_channels), ch=int(ch),
                                            ch_mult=ch_mult, num_res_blocks=int(num_res_blocks),
                                            attn_resolutions=attn_resolutions, dropout=float(dropout),
-                                           resolution=int(resolution))
+                                           resolution=int(resolution), num_classes=int(num_classes))
         from ..errors import ConfigError
 
         if ch <= 0 or ch % _GN_GROUPS or not ch_mult or any(m < 1 or (ch * m) % _GN_GROUPS for m in ch_mult):
@@ -294,6 +320,8 @@ class UNet(nn.Module):
                               f"multiple of {_GN_GROUPS} (GroupNorm groups)")
         if num_res_blocks < 1:
             raise ConfigError(f"UNet: num_res_blocks={num_res_blocks}; expected an integer >= 1")
+        if int(num_classes) < 0:
+            raise ConfigError(f"UNet: num_classes={num_classes}; expected an integer >= 0 (0 = unconditional)")
         temb_ch = 4 * ch
         self.temb = TimestepMLP(ch, temb_ch)
         self.conv_in = _conv(in_channels, ch)
@@ -341,17 +369,32 @@ class UNet(nn.Module):
         self.norm_out = _norm(cur_ch)
         self.conv_out = _conv(cur_ch, out_channels, scale=_ZERO_SCALE)
 
+        # Built last, so every other weight is drawn exactly as for the unconditional network.
+        # N(0, 1) init as nn.Embedding's default (and diffusers' / ADM's label embedding).
+        self.num_classes = int(num_classes)
+        if self.num_classes > 0:
+            self.class_emb = nn.Embedding(self.num_classes + 1, temb_ch)
+
     # ------------------------------------------------------------------------------------------
     @classmethod
     def from_config(cls, model_cfg: Any, out_channels: int) -> "UNet":
         """Build from a :class:`ddpm.config.ModelConfig` and the derived output channel count."""
-        return cls(out_channels=out_channels, **_model_config_kwargs(model_cfg))
+        model = cls(out_channels=out_channels, **_model_config_kwargs(model_cfg))
+        return model.set_checkpointing(bool(getattr(model_cfg, "checkpointing", False)))
+
+    def set_checkpointing(self, enabled: bool = True) -> "UNet":
+        """Activation checkpointing of every ResBlock on (``model.checkpointing``) or off; returns self."""
+        for m in self.modules():
+            if isinstance(m, ResBlock):
+                m.checkpointing = bool(enabled)
+        return self
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "UNet":
         """A named architecture (``cifar10``, ``256``, ``256-large``, ``digits``, ``28``, ``64``).
 
-        ``overrides`` replace constructor arguments (e.g. ``out_channels=6``, ``dropout=0``);
+        ``overrides`` replace constructor arguments (e.g. ``out_channels=6``, ``dropout=0``,
+        ``num_classes=10``);
         ``out_channels`` defaults to ``in_channels``.
         """
         from ..errors import ConfigError, suggest
@@ -360,7 +403,7 @@ class UNet(nn.Module):
         if name not in presets:
             raise ConfigError(f"unknown U-Net preset '{name}'{suggest(name, presets)}; available: {', '.join(presets)}")
         kwargs = dict(presets[name])
-        allowed = set(kwargs) | {"out_channels"}
+        allowed = set(kwargs) | {"out_channels", "num_classes"}
         for key in overrides:
             if key not in allowed:
                 raise ConfigError(f"unknown U-Net argument '{key}'{suggest(key, allowed)}; "
@@ -370,12 +413,14 @@ class UNet(nn.Module):
         return cls(**kwargs)
 
     # ------------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """Predict the network output for a noisy batch.
 
         Args:
             x: [B, in_channels, H, W] float (any float dtype; channels_last welcome).
             t: [B] int64 or float 0-based timesteps (a scalar / 1-element tensor is broadcast).
+            y: [B] int64 class labels in 0..num_classes (num_classes = the null label), or a
+                scalar (broadcast); None means the null label. Only for ``num_classes > 0``.
         Returns:
             [B, out_channels, H, W].
         """
@@ -383,7 +428,18 @@ class UNet(nn.Module):
             t = torch.tensor(t, device=x.device)
         if t.dim() == 0 or t.numel() == 1:
             t = t.reshape(1).expand(x.shape[0])
-        temb_act = F.silu(self.temb(t))  # every ResBlock applies swish to temb first: do it once
+        temb = self.temb(t)
+        if self.num_classes > 0:
+            if y is None:
+                y = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+            elif not torch.is_tensor(y):
+                y = torch.tensor(y, device=x.device)
+            if y.dim() == 0 or y.numel() == 1:
+                y = y.reshape(1).expand(x.shape[0])
+            temb = temb + self.class_emb(y.to(device=x.device, dtype=torch.long)).to(temb.dtype)
+        elif y is not None:
+            raise ValueError("UNet: class labels y were given to an unconditional model (num_classes=0)")
+        temb_act = F.silu(temb)  # every ResBlock applies swish to temb first: do it once
 
         hs = [self.conv_in(x)]
         for lvl in self.down:

@@ -173,6 +173,12 @@ class Sampler:
     def __init__(self, chain: Chain):
         self.chain = chain
 
+    @classmethod
+    def chain_steps(cls, nfe: int) -> int:
+        """Kept timesteps for a budget of ``nfe`` network calls per image (``sample(steps=nfe)``):
+        nfe itself for one call per kept timestep; a sampler with extra calls overrides it."""
+        return nfe
+
     @property
     def nfe(self) -> int:
         return len(self.chain)

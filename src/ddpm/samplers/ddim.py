@@ -5,6 +5,10 @@ s = eta sqrt((1 - abar_prev)/(1 - abar)) sqrt(1 - abar/abar_prev) (Eq. 16) and e
 from the (clipped) x0. eta = 1 gives s^2 = beta~, the ancestral step with fixedsmall. At eta = 0
 this is DPM-Solver-1 (first-order exponential integrator, Lu et al. 2022). One noise draw per
 step (unused at eta = 0 and masked at the last step), so image k's stream is fixed.
+
+Option ``var`` = "analytic" (Analytic-DDIM, Bao et al. 2022, Theorem 1 with lambda^2 = s^2):
+the mean keeps Eq. 12's coefficients with s, and the added noise's variance becomes the optimal
+sigma*^2 from the option ``gamma`` (Gamma_n [T]); at eta = 0 this adds noise (lambda = 0).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import math
 import numpy as np
 import torch
 
+from ..analytic import chain_variance, check_var_option
 from ..errors import SamplingOptionError
 from . import register
 from .base import Chain, Denoiser, Sampler
@@ -34,7 +39,10 @@ class DDIM(Sampler):
         mask[0] = 0.0
         abar, abar_prev = d.alphas_cumprod, d.alphas_cumprod_prev
         sigma = eta * np.sqrt((1 - abar_prev) / (1 - abar)) * np.sqrt(1 - abar / abar_prev) * mask
-        self.sigma = chain.table(sigma)
+        noise_sd = sigma
+        if check_var_option(chain.options) == "analytic":
+            noise_sd = mask * np.sqrt(chain_variance(chain, lam2=sigma ** 2))
+        self.sigma = chain.table(noise_sd)
         self.sqrt_abar_prev = chain.table(np.sqrt(abar_prev))
         self.dir_coef = chain.table(np.sqrt(np.maximum(1 - abar_prev - sigma ** 2, 0.0)))
 

@@ -5,6 +5,7 @@
     RUN/samples/step_XXXXXXXXX.png       EMA sample grids
     RUN/checkpoints/ckpt_XXXXXXXXX.safetensors
     RUN/checkpoints/latest               name of the newest complete checkpoint
+    RUN/train.lock                       held (flock) by the one trainer writing here (lock.py)
 
 A checkpoint is written atomically by :mod:`ddpm.checkpoint` first; only then is ``latest``
 rewritten (atomically) and older files beyond ``keep_last`` deleted, so a crash at any moment
@@ -18,14 +19,17 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any, Callable
 
-from ..checkpoint import atomic_write_bytes, checkpoint_name, list_checkpoints, load_checkpoint
+from ..atomic import atomic_write_bytes
+from ..checkpoint import checkpoint_name, list_checkpoints, load_checkpoint
 from ..config import Config
 from ..errors import CheckpointError, UserError
 
 # train/data fields that may change when resuming: they do not change the optimisation.
 RESUMABLE_FIELDS = frozenset({
     "train.total_steps", "train.log_every", "train.sample_every", "train.sample_n", "train.sample_seed",
-    "train.save_every", "train.keep_last", "train.num_workers",
+    "train.save_every", "train.save_every_minutes", "train.keep_last", "train.num_workers",
+    # activation checkpointing recomputes bit-identically: on or off, the run continues exactly
+    "model.checkpointing",
 })
 
 
@@ -136,7 +140,8 @@ def check_resume_compatible(old: Config, new: Config, path: Path) -> list[tuple[
         listing = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in bad)
         raise CheckpointError(f"cannot resume from {path}: the config differs in {listing}. "
                               f"Resume with the run's own config (only total_steps, the log/sample/save "
-                              f"cadence and num_workers may change) or start a new run with another --out")
+                              f"cadence, num_workers and model.checkpointing may change) or start a new run "
+                              f"with another --out")
     return diffs
 
 

@@ -13,6 +13,8 @@ advances exactly once per consumed batch.
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -58,6 +60,12 @@ def _identity(x):
     return x
 
 
+def _ignore_sigint(worker_id: int) -> None:
+    """Decoding workers leave Ctrl-C to the trainer: a terminal sends SIGINT to the whole process
+    group, and a worker that died of it would break the trainer's graceful stop."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class BatchSource:
     """This rank's uint8 [b, H, W, C] batches, one per optimiser step.
 
@@ -69,12 +77,16 @@ class BatchSource:
         rank, world_size: this process's slice of every global batch.
         num_workers: decoding processes (0: decode in this process, in step).
         pin_memory: for a CUDA device.
+        labels: int64 [len(dataset)] class labels (class-conditional runs) or None; after each
+            :meth:`next`, ``last_labels`` holds the batch's labels (int64 tensor [b]) or None.
     """
 
     def __init__(self, dataset, global_batch: int, seed: int, flip: bool, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0, pin_memory: bool = False):
+                 num_workers: int = 0, pin_memory: bool = False, labels: np.ndarray | None = None):
         from ..data import EpochSampler
 
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        self.last_labels: torch.Tensor | None = None
         self.dataset = dataset
         self.local = global_batch // world_size
         self.lo, self.hi = rank * self.local, (rank + 1) * self.local
@@ -96,7 +108,7 @@ class BatchSource:
         feed.load_state_dict(self.sampler.state_dict())
         loader = DataLoader(_LocalBatches(self.dataset), sampler=_LocalStream(feed, self.lo, self.hi),
                             batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-                            pin_memory=self.pin_memory, prefetch_factor=4,
+                            pin_memory=self.pin_memory, prefetch_factor=4, worker_init_fn=_ignore_sigint,
                             # Worker seeds from a private generator: drawing them from the global
                             # RNG would shift dropout's stream (and break exact resume).
                             generator=torch.Generator().manual_seed(0))
@@ -109,12 +121,17 @@ class BatchSource:
 
             indices, flips = self.sampler.next()
             idx, fl = np.asarray(indices)[self.lo:self.hi], np.asarray(flips)[self.lo:self.hi]
+            self._note_labels(idx)
             return torch.from_numpy(np.ascontiguousarray(apply_flips(_gather(self.dataset, idx), fl)))
         if self._iter is None:
             self._start_workers()
         batch = next(self._iter)
-        self.sampler.next()  # the checkpointed position follows consumption, not prefetch
+        indices, _ = self.sampler.next()  # the checkpointed position follows consumption, not prefetch
+        self._note_labels(np.asarray(indices)[self.lo:self.hi])  # the consumed batch's own indices
         return batch
+
+    def _note_labels(self, idx: np.ndarray) -> None:
+        self.last_labels = None if self.labels is None else torch.from_numpy(self.labels[idx])
 
     def close(self) -> None:
         self._iter = None
