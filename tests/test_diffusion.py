@@ -1,4 +1,4 @@
-"""Forward process, posterior, p_mean_variance and training losses (spec sections 3, 4)."""
+"""Forward process, posterior, p_mean_variance and training losses (paper sections 2-3)."""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def test_clipping_and_last_step_mean_is_clipped_x0():
     raw = d.p_mean_variance(None, xt, t, clip_denoised=False, model_output=eps)
     torch.testing.assert_close(clipped["pred_xstart"], raw["pred_xstart"].clamp(-1, 1))
     assert (raw["pred_xstart"].abs() > 1).any()
-    # at index 0, coef1 = 1 and coef2 = 0: the mean is the (clipped) x0 prediction (spec 3, 6.1)
+    # at index 0, coef1 = 1 and coef2 = 0: the mean is the (clipped) x0 prediction (paper Eq. 7, Algorithm 2)
     torch.testing.assert_close(clipped["mean"][:2], clipped["pred_xstart"][:2], rtol=1e-12, atol=0)
 
 

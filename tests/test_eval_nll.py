@@ -78,7 +78,7 @@ def test_standard_error(setup):
 
 
 def _phi(x: np.ndarray) -> np.ndarray:
-    """The spec's tanh approximation of the standard normal CDF (spec 5.3)."""
+    """The official code's tanh approximation of the standard normal CDF (paper Eq. 13)."""
     return 0.5 * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (x + 0.044715 * x ** 3)))
 
 
@@ -89,7 +89,7 @@ def test_oracle_terms_match_independent_computation(setup):
     _, images, _, r, d = setup
     u = _x_star_u8().astype(np.float64).ravel()
     x = u / 127.5 - 1.0
-    # beta~ at paper t = 2 (index 1); the decoder at index 0 uses it (index-0 clipping, spec 13.2).
+    # beta~ at paper t = 2 (index 1); the decoder at index 0 uses it (index-0 clipping, docs/DEVIATIONS.md).
     var_dec = BETAS[1] * (1.0 - ABAR[0]) / (1.0 - ABAR[1])
     half_bin = 1.0 / 255.0 / math.sqrt(var_dec)
     p = np.where((u == 0) | (u == 255), _phi(half_bin), _phi(half_bin) - _phi(-half_bin))

@@ -20,7 +20,7 @@ from ddpm.nets.unet import UNet
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
 
-# google/ddpm-cifar10-32's config.json (PEERS.md), written out as the released file has it.
+# google/ddpm-cifar10-32's config.json, written out as the released file has it.
 CIFAR_CONFIG = {
     "_class_name": "UNet2DModel", "sample_size": 32, "in_channels": 3, "out_channels": 3,
     "block_out_channels": [128, 256, 256, 256],
@@ -100,7 +100,7 @@ def test_from_diffusers_matches_unet2dmodel(tmp_path, cfg, res):
         assert sum(p.numel() for p in ours.parameters()) == 35_746_307
         assert loaded.config.model == ModelConfig(resolution=32, in_channels=3, ch=128, ch_mult=(1, 2, 2, 2),
                                                   num_res_blocks=2, attn_resolutions=(16,), dropout=0.0)
-        assert loaded.config.diffusion.var_type == "fixedlarge"  # spec 6.2 default for 32x32, no scheduler file
+        assert loaded.config.diffusion.var_type == "fixedlarge"  # the official sampling scripts' default for 32x32, no scheduler file
     else:
         assert loaded.config.model.attn_resolutions == (16,) and loaded.config.diffusion.var_type == "fixedsmall"
     diff = _max_diff(theirs, ours, (3, res, res))

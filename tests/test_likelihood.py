@@ -1,4 +1,4 @@
-"""KL, the discretized decoder and the exact bits/dim loop (spec section 5), including a
+"""KL, the discretized decoder and the exact bits/dim loop (paper Eq. 5), including a
 point-mass oracle whose bound is known in closed form."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def phi_exact(x: float) -> float:
 
 
 def decoder_nll_nats(level: int, mean: float, std: float) -> float:
-    """-log P(level) for a Gaussian decoder, written out bin by bin (spec 5.3)."""
+    """-log P(level) for a Gaussian decoder, written out bin by bin (paper Eq. 13)."""
     x = level / 127.5 - 1
     lo, hi = (x - H - mean) / std, (x + H - mean) / std
     if level == 0:
@@ -64,7 +64,7 @@ def test_approx_cdf_is_the_tanh_approximation():
     got = approx_standard_normal_cdf(xs)
     exact = torch.tensor([phi_exact(v) for v in xs.tolist()], dtype=torch.float64)
     err = (got - exact).abs().max().item()
-    # spec 5.3: the approximation's max abs error on [-6, 6] is 1.8e-4, so this is not erf
+    # paper Eq. 13: the approximation's max abs error on [-6, 6] is 1.8e-4, so this is not erf
     assert 1.5e-4 < err < 2.0e-4
     torch.testing.assert_close(got, torch.tensor([phi_tanh(v) for v in xs.tolist()], dtype=torch.float64),
                                rtol=0, atol=1e-15)
@@ -91,7 +91,7 @@ def test_decoder_matches_bin_by_bin_formula_including_edges():
 
 
 def test_decoder_bits_at_perfect_mean_match_spec():
-    # spec 5.3: with sigma = sqrt(beta~_2) the interior-pixel NLL is 1.305 bits; with sqrt(beta_1), 1.713.
+    # paper Eq. 13: with sigma = sqrt(beta~_2) the interior-pixel NLL is 1.305 bits; with sqrt(beta_1), 1.713.
     # Those figures use the exact Phi; the tanh CDF (abs error <= 1.8e-4 at each bin edge) moves
     # them by at most 2 * 1.8e-4 / (P ln 2) bits.
     d = GaussianDiffusion(get_beta_schedule("linear", 1000))
@@ -164,7 +164,7 @@ def test_point_mass_oracle_bpd_matches_hand_derivation(var_type):
 
 
 def test_oracle_decoder_term_at_T1000_is_1p305_bits():
-    # all-interior image, paper schedule: L_0 = 1.305 bits/dim (spec 5.3), KL terms 0 (fixedsmall)
+    # all-interior image, paper schedule: L_0 = 1.305 bits/dim (paper Eq. 13), KL terms 0 (fixedsmall)
     d = GaussianDiffusion(get_beta_schedule("linear", 1000), var_type="fixedsmall")
     xstar = _xstar([128, 50, 17, 200])
     out = d.calc_bpd_loop(PointMassEps(d, xstar), xstar)

@@ -1,4 +1,4 @@
-"""Samplers (spec section 6): Algorithm 2 with oracles, respacing, DDIM, per-image seeds,
+"""Samplers: paper Algorithm 2 with oracles, respacing, DDIM, per-image seeds,
 progressive x0 predictions, shared-latent chains and interpolation."""
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ def test_sampler_gaussian_data_moments(var_type, m, s):
     assert abs(x.mean().item() - mu) < 5 * se_mu
     assert abs(x.var().item() - var) < 5 * se_var
     if var_type == "fixedlarge":
-        # sigma^2 = beta is exact for unit-variance data (spec 10): the data's moments come back
+        # sigma^2 = beta is exact for unit-variance data (paper section 3.2): the data's moments come back
         assert abs(x.mean().item() - m) < 5 * se_mu
         assert abs(x.var().item() - s * s) < 5 * se_var
     else:

@@ -1,4 +1,4 @@
-"""Beta schedules and the precomputed buffers against the spec's test vectors (spec sections 2, 3)."""
+"""Beta schedules and the precomputed buffers against test vectors computed from the paper's schedule (paper section 2 and 4, Eq. 4-7)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def _close_to_printed(value: float, printed: str) -> bool:
 
 # Spec section 3, "[derived] Numeric test vectors (float64)", linear schedule, T = 1000.
 SPEC_VECTORS = {
-    # i: (beta, abar, beta~, log beta~ clipped, coef1, coef2); None where the spec has "-"
+    # i: (beta, abar, beta~, log beta~ clipped, coef1, coef2); None where the reference table has "-"
     0: ("1.0e-4", "0.9999", "0", "-9.81672514", "1.0", "0.0"),
     1: ("1.1991992e-4", "0.999780092", "5.45318766e-5", "-9.81672514", "0.5452915", "0.4547085"),
     2: ("1.3983984e-4", "0.999640283", "8.54891152e-5", "-9.36712150", None, None),
@@ -56,7 +56,7 @@ def test_derived_buffers_and_ratios(paper):
     assert _close_to_printed(ratio[1], "2.199")
     assert _close_to_printed(ratio[2], "1.636")
     assert _close_to_printed(ratio[999], "1.0000008")
-    # alphas_cumprod_prev is 1 at index 0 and abar shifted by one elsewhere (spec section 1).
+    # alphas_cumprod_prev is 1 at index 0 and abar shifted by one elsewhere (0-based time: docs/ARCHITECTURE.md).
     assert paper.alphas_cumprod_prev[0] == 1.0
     np.testing.assert_array_equal(paper.alphas_cumprod_prev[1:], paper.alphas_cumprod[:-1])
     # the remaining buffers against their definitions, computed here independently
@@ -68,10 +68,10 @@ def test_derived_buffers_and_ratios(paper):
 
 
 def test_index0_log_variances(paper):
-    # clipped posterior log-variance: index 0 takes beta~_2 (index 1), spec 3
+    # clipped posterior log-variance: index 0 takes beta~_2 (index 1), paper Eq. 4-7
     assert paper.posterior_log_variance_clipped[0] == paper.posterior_log_variance_clipped[1]
     assert _close_to_printed(paper.posterior_log_variance_clipped[0], "-9.81672514")
-    # fixedlarge: beta_t for t >= 2 but beta~_2 = 5.453e-5 (not beta_1 = 1e-4) at index 0, spec 4.2
+    # fixedlarge: beta_t for t >= 2 but beta~_2 = 5.453e-5 (not beta_1 = 1e-4) at index 0, paper section 3.2
     fl = paper.fixedlarge_variance
     assert _close_to_printed(math.log(fl[0]), "-9.81672514")
     assert _close_to_printed(fl[0], "5.453e-5")
@@ -82,7 +82,7 @@ def test_linear_quad_and_terminal_stats():
     lin = get_beta_schedule("linear", 1000)
     assert lin.dtype == np.float64 and lin.shape == (1000,)
     assert lin[0] == 1e-4 and lin[-1] == 0.02
-    assert _close_to_printed(np.prod(1 - lin), "4.0358e-5")  # abar_T, spec section 2 table
+    assert _close_to_printed(np.prod(1 - lin), "4.0358e-5")  # abar_T of the paper's linear schedule
     quad = get_beta_schedule("quad", 1000)
     assert math.isclose(quad[0], 1e-4, rel_tol=1e-12) and math.isclose(quad[-1], 0.02, rel_tol=1e-12)
     assert np.all(np.diff(np.sqrt(quad)) > 0) and np.allclose(np.diff(np.sqrt(quad), 2), 0, atol=1e-15)

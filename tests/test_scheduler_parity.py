@@ -92,7 +92,7 @@ def test_fixed_large_differs_from_diffusers_only_at_index_0():
     theirs = np.array([float(sched._get_variance(t)) for t in range(T)])
     # t >= 1 (paper t >= 2): both use beta_t
     np.testing.assert_allclose(theirs[1:], ours_var[1:], rtol=1e-12)
-    # index 0: diffusers uses beta_1 = 1e-4; the official rule uses beta~_2 = 5.453e-5 (spec 4.2),
+    # index 0: diffusers uses beta_1 = 1e-4; the official rule uses beta~_2 = 5.453e-5 (paper section 3.2),
     # which gives a better decoder likelihood (1.31 vs 1.71 bits for a perfect interior pixel)
     assert theirs[0] == pytest.approx(1e-4, rel=1e-12)
     assert ours_var[0] == pytest.approx(large.posterior_variance[1], rel=1e-15)

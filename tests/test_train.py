@@ -54,7 +54,7 @@ def test_warmup_lr_values():
 
 
 def test_first_step_has_zero_lr_and_metrics_report_the_schedule(tmp_path):
-    # Step 0 uses LR 0 (spec 8.2): after one step the weights are the initial ones, so the EMA
+    # Step 0 uses LR 0 (paper Appendix B): after one step the weights are the initial ones, so the EMA
     # (started as a copy) still equals them exactly. With LR > 0 they would differ.
     r = run(tiny_config(total_steps=1, warmup_steps=4, log_every=1), tmp_path / "a")
     t = ckpt(r["checkpoint"])

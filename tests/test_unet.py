@@ -1,4 +1,4 @@
-"""The paper's U-Net (spec section 7): structure, sizes, init, attention, modes, compile."""
+"""The paper's U-Net (paper Appendix B): structure, sizes, init, attention, modes, compile."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _tiny(**kw) -> UNet:
 
 
 @pytest.mark.parametrize("name,out_ch,expected", [
-    ("cifar10", None, 35_746_307),       # spec 7.7 / paper 35.7M
+    ("cifar10", None, 35_746_307),       # paper Appendix B: 35.7M
     ("cifar10", 6, 35_749_766),          # learned-variance head (2C outputs)
     ("256", None, 113_673_219),          # CelebA-HQ / LSUN 114M
     ("256-large", None, 255_677_955),    # large LSUN Bedroom 256M (ch 192)
@@ -105,7 +105,7 @@ def test_timestep_embedding_sin_first_divisor_half_minus_one():
     emb = timestep_embedding(t, 128)
     assert emb.shape == (5, 128) and emb.dtype == torch.float32
     k = np.arange(64)
-    freqs = np.exp(-math.log(10000.0) * k / 63.0)  # float64 reference, spec 7.2
+    freqs = np.exp(-math.log(10000.0) * k / 63.0)  # float64 reference, paper Appendix B
     arg = t.numpy()[:, None].astype(np.float64) * freqs[None]
     ref = np.concatenate([np.sin(arg), np.cos(arg)], axis=1)
     # fp32 phase t*f at t = 999 carries ~1e-4 rounding; everything else far tighter.
@@ -162,7 +162,7 @@ def test_attention_uses_sdpa_and_equals_plain_softmax(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
     with torch.no_grad():
         y = att(x)
-        # plain formula, spec 7.4: single head, softmax over all H*W keys of q.k / sqrt(C)
+        # plain formula, paper Appendix B: single head, softmax over all H*W keys of q.k / sqrt(C)
         h = F.group_norm(x, 32, att.norm.weight, att.norm.bias, eps=1e-6).flatten(2).transpose(1, 2)  # [B, HW, C]
         q, k, v = (h @ m.weight.T + m.bias for m in (att.q, att.k, att.v))
         w = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(64), dim=-1)

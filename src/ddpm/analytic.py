@@ -16,7 +16,7 @@ for data in [-1, 1], by lambda^2 + (sqrt(abar_{k-1}) - sqrt(1 - abar_{k-1} - lam
 sqrt(abar_k / (1 - abar_k)))^2 (the posterior-mean coefficient of x0 squared for DDPM).
 
 - :func:`estimate_gamma`: Gamma_n for every n of the model's T steps over training images, with
-  its standard error. :func:`load_or_estimate` keeps it in ``RUN/analytic_var.json``, keyed on the
+  its standard error. :func:`load_or_estimate` keeps it in ``RUN/checkpoints/analytic_var.json``, keyed on the
   checkpoint's digest and T.
 - :func:`analytic_variance`: sigma*^2 for a chain's kept steps (the samplers' ``var: analytic``).
 - :func:`bound_bpd`: the variational bound in bits/dim on the full or a respaced chain with the
@@ -253,7 +253,7 @@ def load_or_estimate(ckpt: str | Path, model: Callable, diffusion: GaussianDiffu
                      progress: bool = True, log: Callable[[str], Any] | None = print,
                      source: str | None = None) -> np.ndarray:
     """Gamma_n [T] of the checkpoint ``ckpt`` (file or run folder): read from
-    ``RUN/analytic_var.json`` if stored for this checkpoint's digest and T, else estimated over the
+    ``RUN/checkpoints/analytic_var.json`` if stored for this checkpoint's digest and T, else estimated over the
     first ``n`` training images of ``source`` (default: the run's dataset) and stored (with a
     message saying so)."""
     from .checkpoint import resolve_checkpoint
@@ -320,6 +320,7 @@ def evaluate_bound(diffusion: GaussianDiffusion, model: Callable, gamma: np.ndar
 def command_estimate(args) -> None:
     """``ddpm eval analytic``: (re-)estimate Gamma_n over ``--n`` training images and store it."""
     from .api import load
+    from .checkpoint import resolve_checkpoint
     from .cliutil import device as _device
 
     dev = _device(args.device)
@@ -327,7 +328,7 @@ def command_estimate(args) -> None:
     gamma = load_or_estimate(args.ckpt, model, diffusion, cfg, meta, dev, n=args.n, batch_size=args.batch_size,
                              seed=args.seed, force=True, source=args.data)
     print(f"Gamma_n over {args.n} training images: min {gamma.min():.4f}, max {gamma.max():.4f}; "
-          f"wrote {gamma_path(args.ckpt)}")
+          f"wrote {gamma_path(resolve_checkpoint(args.ckpt))}")
 
 
 def command_nll(args) -> None:

@@ -92,7 +92,7 @@ def load(path: str | os.PathLike, device: str | torch.device | None = None, weig
     Args:
         path: ``ckpt_*.safetensors`` (training or converted weights) or a run folder.
         device: defaults to CUDA when available, else CPU.
-        weights: ``"ema"`` (default, used for all sampling and evaluation, spec 8.2) or ``"model"``.
+        weights: ``"ema"`` (default, used for all sampling and evaluation, paper Appendix B) or ``"model"``.
     Returns:
         :class:`Loaded` (model in eval mode, GaussianDiffusion, Config, header meta).
     """

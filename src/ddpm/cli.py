@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clamp every x0 prediction to [-1, 1] (the official sampler does; diffusers' solvers do not)")
     s.add_argument("--var", default="model", choices=REVERSE_VARIANCES,
                    help="ancestral/ddim step variance: the model's own, or analytic = Analytic-DPM's optimal one "
-                        "(Bao et al. 2022; Gamma_n estimated on first use, stored as RUN/analytic_var.json)")
+                        "(Bao et al. 2022; Gamma_n estimated on first use, stored as RUN/checkpoints/analytic_var.json)")
     s.add_argument("--class", dest="class_spec", default=None, metavar="K|K,K,...|all",
                    help="class-conditional models: one class, a list (cycled over the images) or all "
                         "(image k gets class k mod C); labels go to the .npz as arr_1 (default: all)")
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="bits/dim, rate-distortion, FID/IS/KID, digits quality", formatter_class=_FMT)
     esub = e.add_subparsers(dest="what", metavar="WHAT", parser_class=_Parser)
     esub.required = True
-    for name, helptext in (("nll", "exact bits/dim: all T terms plus the prior (spec 5.5)"),
+    for name, helptext in (("nll", "exact bits/dim: all T terms plus the prior (paper section 4.2, Table 1)"),
                            ("rd", "rate-distortion curve (paper Table 4, Fig. 5) from the same pass")):
         q = esub.add_parser(name, help=helptext, formatter_class=_FMT, description=helptext)
         _add_common_model_args(q, required=(name == "nll"))
@@ -186,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 "variances from the same pass (paired; a different JSON than the model's own)")
             q.add_argument("--steps", type=_POS, default=None,
                            help="with --var analytic: the bound of a respaced chain of this many steps (trailing)")
-    an = esub.add_parser("analytic", help="estimate Analytic-DPM's Gamma_n over training images (RUN/analytic_var.json)",
+    an = esub.add_parser("analytic", help="estimate Analytic-DPM's Gamma_n over training images (RUN/checkpoints/analytic_var.json)",
                          formatter_class=_FMT)
     _add_common_model_args(an)
     an.add_argument("--n", type=_POS, default=500, help="training images (one noise draw each per step)")

@@ -22,11 +22,14 @@ This module holds what the trainer, the data and the command line share:
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
 
 from .errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # torch is imported where it is used: the CLI's label parsing stays torch-free
+    import torch
 
 __all__ = ["dataset_labels", "check_labels", "drop_labels", "parse_classes", "sampling_labels", "guided_call",
            "class_grid"]

@@ -1,7 +1,7 @@
 """Run configuration: frozen dataclasses, the paper's runs as named presets, ``--set`` overrides.
 
 A :class:`Config` has four parts: ``model`` (the U-Net), ``diffusion`` (schedule and
-parameterisation), ``data`` and ``train``. Presets are the paper's runs (spec sections 8 and
+parameterisation), ``data`` and ``train``. Presets are the paper's runs (paper Appendix B and
 10); every run writes its resolved config as JSON and every checkpoint carries it.
 
 Overrides are ``section.key=value`` strings (``train.lr=1e-4``); a bare ``key=value`` is
@@ -22,7 +22,7 @@ from .options import BETA_SCHEDULES, LOSS_TYPES, MEAN_TYPES, PRECISIONS, T_SAMPL
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The U-Net (spec section 7). Output channels are derived: C, or 2C for learned variances."""
+    """The U-Net (paper Appendix B). Output channels are derived: C, or 2C for learned variances."""
 
     resolution: int = 32
     in_channels: int = 3
@@ -55,7 +55,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DiffusionConfig:
-    """Schedule and parameterisation (spec sections 2-4). ``t`` is 0-based everywhere."""
+    """Schedule and parameterisation (paper sections 2-3). ``t`` is 0-based everywhere."""
 
     num_timesteps: int = 1000
     beta_schedule: str = "linear"
@@ -101,7 +101,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation (spec section 8.2): Adam, linear warm-up from 0, clipping, EMA."""
+    """Optimisation (paper Appendix B): Adam, linear warm-up from 0, clipping, EMA."""
 
     total_steps: int = 800_000
     batch_size: int = 128
@@ -247,7 +247,7 @@ def _choice(value: str, choices: tuple[str, ...], key: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Presets: the paper's runs (spec 8.1) and small configurations for this machine.
+# Presets: the paper's runs (paper Appendix B) and small configurations for this machine.
 
 _CIFAR_MODEL = ModelConfig(resolution=32, in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), attn_resolutions=(16,),
                            dropout=0.1)
@@ -285,13 +285,13 @@ PRESETS: dict[str, Config] = {
     ),
     # Table 1 / Table 2 "L_simple" row: eps prediction, MSE, fixedlarge for sampling and bits/dim.
     "cifar10": _CIFAR,
-    # Table 2 ablations over cifar10 (spec 4.4). "mu" is the paper's mu-tilde prediction (xprev).
+    # Table 2 ablations over cifar10 (paper Table 2). "mu" is the paper's mu-tilde prediction (xprev).
     "cifar10_mu_kl_learned": _ablation("cifar10_mu_kl_learned", "xprev", "learned", "kl"),
     "cifar10_mu_kl_fixed": _ablation("cifar10_mu_kl_fixed", "xprev", "fixedlarge", "kl"),
     "cifar10_mu_mse": _ablation("cifar10_mu_mse", "xprev", "fixedlarge", "mse"),
     "cifar10_eps_kl_learned": _ablation("cifar10_eps_kl_learned", "eps", "learned", "kl"),
     "cifar10_eps_kl_fixed": _ablation("cifar10_eps_kl_fixed", "eps", "fixedlarge", "kl"),
-    # 256x256 runs (spec 8.1). Flips follow the paper: on for all but LSUN Bedroom (spec 14).
+    # 256x256 runs (paper Appendix B). Flips follow the paper: on for all but LSUN Bedroom (docs/DEVIATIONS.md).
     "celebahq256": _lsun("celebahq256", 500_000, True, "celebahq256/"),
     "lsun_bedroom256": _lsun("lsun_bedroom256", 2_400_000, False, "lsun_bedroom/"),
     "lsun_church256": _lsun("lsun_church256", 1_200_000, True, "lsun_church/"),

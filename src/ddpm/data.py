@@ -1,4 +1,4 @@
-"""Training and evaluation images as uint8 [H, W, C] (spec section 8.3).
+"""Training and evaluation images as uint8 [H, W, C] (paper section 3.3 and Appendix B).
 
 ``open_dataset(source, split, resolution, channels)`` recognises ``source`` as:
 

@@ -31,7 +31,7 @@ class DiffusionOptionError(ConfigError, ValueError):
 
 
 class MeanType(str, Enum):
-    """What the first C output channels predict (spec 4.1)."""
+    """What the first C output channels predict (paper section 3.2, Eq. 11)."""
 
     EPS = "eps"        # the noise epsilon (the paper's choice)
     XSTART = "xstart"  # x_0
@@ -39,7 +39,7 @@ class MeanType(str, Enum):
 
 
 class VarType(str, Enum):
-    """The reverse-process variance Sigma_theta(x_t, t) = sigma_t^2 I (spec 4.2, 12)."""
+    """The reverse-process variance Sigma_theta(x_t, t) = sigma_t^2 I (paper section 3.2; Nichol & Dhariwal 2021)."""
 
     FIXEDLARGE = "fixedlarge"        # beta_t, with beta~_2 at index 0 (official CIFAR default)
     FIXEDSMALL = "fixedsmall"        # beta~_t, clipped log at index 0
@@ -48,7 +48,7 @@ class VarType(str, Enum):
 
 
 class LossType(str, Enum):
-    """Training objective (spec 4.3, 12)."""
+    """Training objective (paper Eq. 14; Nichol & Dhariwal 2021)."""
 
     MSE = "mse"                  # meanflat squared error of the mean part (L_simple for eps)
     KL = "kl"                    # the VLB term L_t at the sampled t, bits/dim
@@ -147,7 +147,7 @@ class GaussianDiffusion:
         mean_type: ``eps`` | ``xstart`` | ``xprev``; var_type: ``fixedlarge`` | ``fixedsmall`` |
             ``learned`` | ``learned_range``; loss_type: ``mse`` | ``kl`` | ``rescaled_kl`` | ``hybrid``.
 
-    Buffers (float64 numpy [T], names as in improved-diffusion, spec section 3): betas, alphas,
+    Buffers (float64 numpy [T], names as in improved-diffusion, paper Eq. 4-7): betas, alphas,
     alphas_cumprod, alphas_cumprod_prev, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod,
     log_one_minus_alphas_cumprod, sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod,
     posterior_variance, posterior_log_variance_clipped, posterior_mean_coef1, posterior_mean_coef2.
@@ -183,7 +183,7 @@ class GaussianDiffusion:
             self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * np.sqrt(self.alphas) / (1.0 - self.alphas_cumprod)
 
         # fixedlarge: sigma^2 = beta_t, except index 0 takes beta~_2 (better decoder likelihood,
-        # spec 4.2). Like improved-diffusion (and unlike the TF code, whose "variance" output
+        # paper section 3.2). Like improved-diffusion (and unlike the TF code, whose "variance" output
         # keeps the raw beta_1), both the variance and its log use the modified array.
         self.fixedlarge_variance = np.append(self.posterior_variance[1], betas[1:])
         if self.var_type == VarType.FIXEDLARGE:
@@ -337,7 +337,7 @@ class GaussianDiffusion:
     def p_mean_variance(self, model: Callable | None, xt: torch.Tensor, t: torch.Tensor, clip_denoised: bool = True,
                         model_output: torch.Tensor | None = None, amp_dtype: torch.dtype | None = None,
                         model_kwargs: Mapping[str, Any] | None = None) -> dict:
-        """Mean and variance of p_theta(x_{t-1} | x_t) (spec 4.1-4.2).
+        """Mean and variance of p_theta(x_{t-1} | x_t) (paper section 3.2, Eq. 11).
 
         Args:
             xt: [B, C, H, W]; t: int64 [B] (0-based).
@@ -356,11 +356,11 @@ class GaussianDiffusion:
         return {"mean": mean, "variance": var, "log_variance": log_var, "pred_xstart": pred_xstart}
 
     # ------------------------------------------------------------------------------------------
-    # Variational bound (spec section 5)
+    # Variational bound (paper Eq. 5)
     def vb_terms_bpd(self, model: Callable | None, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
                      clip_denoised: bool = True, model_output: torch.Tensor | None = None,
                      amp_dtype: torch.dtype | None = None, model_kwargs: Mapping[str, Any] | None = None) -> dict:
-        """The VLB term at t in bits/dim (spec 5.2): the decoder NLL -log p(x0 | x1) where t == 0
+        """The VLB term at t in bits/dim (paper Eq. 5): the decoder NLL -log p(x0 | x1) where t == 0
         (paper Eq. 13), else KL(q(x_{t-1} | x_t, x0) || p_theta(x_{t-1} | x_t)).
 
         Returns: dict ``output`` [B] (bits/dim), ``pred_xstart`` [B, C, H, W].
@@ -373,7 +373,7 @@ class GaussianDiffusion:
         return {"output": torch.where(t == 0, nll, kl), "pred_xstart": out["pred_xstart"]}
 
     def prior_bpd(self, x0: torch.Tensor) -> torch.Tensor:
-        """L_T = KL(q(x_T | x0) || N(0, I)) in bits/dim, [B] (spec 5.4). Has no parameters."""
+        """L_T = KL(q(x_T | x0) || N(0, I)) in bits/dim, [B] (paper Eq. 5, L_T). Has no parameters."""
         t = torch.full((x0.shape[0],), self.num_timesteps - 1, dtype=torch.int64, device=x0.device)
         mean, _, log_var = self.q_mean_variance(x0, t)
         return meanflat(normal_kl(mean, log_var, 0.0, 0.0)) / LN2
@@ -430,7 +430,7 @@ class GaussianDiffusion:
     def training_losses(self, model: Callable, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None,
                         amp_dtype: torch.dtype | None = None,
                         model_kwargs: Mapping[str, Any] | None = None) -> torch.Tensor:
-        """Per-example training loss [B] at the given t (spec 4.3, Algorithm 1).
+        """Per-example training loss [B] at the given t (paper section 3.4, Eq. 14, Algorithm 1).
 
         - ``mse``: meanflat((target - output)^2), target eps / x0 / mu~ by mean_type; for eps this
           is L_simple (paper Eq. 14), a per-pixel mean, not a sum.

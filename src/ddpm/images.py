@@ -2,7 +2,7 @@
 
 Outside the model, images are ``uint8`` arrays in NHWC layout (0..255). Inside, they are
 ``float32`` tensors in NCHW layout scaled to [-1, 1] by ``x / 127.5 - 1`` (the official code's
-normalisation, spec section 8.3). ``to_uint8`` is its exact inverse on the 256 bin centres:
+normalisation, paper section 3.3 and Appendix B). ``to_uint8`` is its exact inverse on the 256 bin centres:
 it clips to [-1, 1] and rounds to the nearest integer, so ``to_uint8(to_model(u)) == u``.
 """
 

@@ -1,4 +1,4 @@
-"""Likelihood pieces of the variational bound (spec section 5): Gaussian KL, the discretized
+"""Likelihood pieces of the variational bound (paper Eq. 5): Gaussian KL, the discretized
 Gaussian decoder L_0 (paper Eq. 13); the bits/dim loop that sums them is
 :meth:`ddpm.diffusion.GaussianDiffusion.calc_bpd_loop`.
 
@@ -14,7 +14,7 @@ import torch
 
 LN2 = math.log(2.0)
 
-# Decoder constants (official utils.py, spec 5.3): data lie on 256 levels in [-1, 1] spaced
+# Decoder constants (official utils.py, paper Eq. 13): data lie on 256 levels in [-1, 1] spaced
 # 2/255 apart, so each bin has half-width 1/255; +-0.999 detects the edge levels 0 and 255.
 BIN_HALF_WIDTH = 1.0 / 255.0
 EDGE = 0.999
@@ -31,7 +31,7 @@ def _as_tensor(v, like: torch.Tensor) -> torch.Tensor:
 
 
 def normal_kl(mean1, logvar1, mean2, logvar2) -> torch.Tensor:
-    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) in nats, elementwise (spec 5.1).
+    """KL(N(mean1, e^logvar1) || N(mean2, e^logvar2)) in nats, elementwise (paper Eq. 5).
 
     Arguments broadcast; at least one must be a tensor (floats are accepted for the others).
     """
@@ -48,7 +48,7 @@ def approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
 
 
 def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, log_scales: torch.Tensor) -> torch.Tensor:
-    """log P(x) in nats, elementwise, for data x on the 256-level grid in [-1, 1] (spec 5.3).
+    """log P(x) in nats, elementwise, for data x on the 256-level grid in [-1, 1] (paper Eq. 13).
 
     P is the mass of N(means, exp(log_scales)^2) on the bin [x - 1/255, x + 1/255]; the bin of
     level 0 (x < -0.999) extends to -inf and that of level 255 (x > 0.999) to +inf, so the 256

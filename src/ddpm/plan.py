@@ -364,8 +364,16 @@ def loader_line(cfg: Config, rate: float, m: StepMeasure, source_kind: str) -> s
 
 
 def build_plan(cfg: Config, device, preset: Optional[str] = None, size_note: str = "", world_size: int = 1,
-               measure: bool = True) -> list[str]:
-    """All plan lines for ``cfg`` on ``device``. Never raises for unreadable data (the trainer will)."""
+               measure: bool | None = None) -> list[str]:
+    """All plan lines for ``cfg`` on ``device``. Never raises for unreadable data (the trainer will).
+
+    ``measure``: run the warm-up step for the time and memory lines; None (default) = yes unless
+    the environment sets ``DDPM_PLAN_WARMUP=0`` (scripts that start many short runs).
+    """
+    import os
+
+    if measure is None:
+        measure = os.environ.get("DDPM_PLAN_WARMUP", "1") != "0"
     from .cliutil import count_parameters
     from .datasets.survey import survey
     from .errors import UserError

@@ -1,6 +1,6 @@
-"""Beta schedules beta_1..beta_T (spec section 2), as float64 numpy arrays of shape [T].
+"""Beta schedules beta_1..beta_T (paper section 4 and Appendix B), as float64 numpy arrays of shape [T].
 
-Index ``i`` of the returned array is the paper's beta_{i+1} (0-based time, spec section 1).
+Index ``i`` of the returned array is the paper's beta_{i+1} (0-based time, docs/ARCHITECTURE.md).
 ``linear`` with the defaults is the paper's schedule (1e-4 -> 0.02, T = 1000). The official
 schedules take ``beta_start``/``beta_end`` literally for every T; to keep the paper's overall
 noise level at a smaller T, pass ``beta_start * 1000 / T`` and ``beta_end * 1000 / T``
@@ -40,7 +40,7 @@ def cosine_alpha_bar(u: np.ndarray | float) -> np.ndarray:
 def get_beta_schedule(name: str, num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> np.ndarray:
     """The betas of schedule ``name``: float64 [num_timesteps], betas[i] = beta_{i+1}.
 
-    Names (spec section 2 and 12): ``linear``, ``quad``, ``warmup10``, ``warmup50``, ``const``,
+    Names (paper section 4; Nichol & Dhariwal 2021): ``linear``, ``quad``, ``warmup10``, ``warmup50``, ``const``,
     ``jsd`` (beta = 1/T, 1/(T-1), ..., 1; the last is 1 so abar_T = 0) and ``cosine``
     (beta_i = min(1 - abar((i+1)/T) / abar(i/T), 0.999)).
 

@@ -1,7 +1,7 @@
 """Deterministic, resumable order of training images and their random flips.
 
 The official code repeats and shuffles the training set and flips each image left-right with
-probability 0.5 (spec section 8.3). Here every epoch ``e`` is one permutation of 0..N-1 drawn
+probability 0.5 (paper section 3.3 and Appendix B). Here every epoch ``e`` is one permutation of 0..N-1 drawn
 from ``numpy.random.default_rng([seed, e])``; from the same generator, right after the
 permutation, come the flip bits (``random(N) < 0.5``: one per position of the epoch). Global
 batches are consecutive slices of the concatenated epochs, so a batch may span two epochs and

@@ -3,9 +3,9 @@
 Submodules (import the one you need; nothing heavy is imported here):
 
 - :mod:`ddpm.evaluate.nll`: ``evaluate_nll(model, diffusion, images_u8, ...) -> NLLResult``
-  (all T VLB terms per image, sharded over ``torch.distributed`` ranks; spec 5.5).
+  (all T VLB terms per image, sharded over ``torch.distributed`` ranks; paper section 4.2, Table 1).
 - :mod:`ddpm.evaluate.rd`: ``rate_distortion(result)``, ``save_rd``, ``plot_rd``,
-  ``format_table`` (paper Table 4 / Fig. 5; spec 5.6).
+  ``format_table`` (paper section 4.3, Table 4, Fig. 5).
 - :mod:`ddpm.evaluate.fid`: ``frechet_distance``, ``feature_statistics``, ``kid``,
   ``inception_score``, ``compute_fid`` (torch-fidelity's Inception, offline weights, cached
   reference statistics), ``generate_samples`` (seeds sharded over ranks).

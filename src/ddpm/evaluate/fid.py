@@ -1,4 +1,4 @@
-"""FID, Inception Score and KID (spec section 9).
+"""FID, Inception Score and KID (paper section 4).
 
 The statistics (Fréchet distance, IS, KID) are computed here in float64 NumPy. The Inception
 network is the TF-2015-12-05-compatible Inception v3 port shipped by the optional package
@@ -8,7 +8,7 @@ them to 299x299 itself. Only that network module is used, so torch-fidelity work
 ``pip install --no-deps torch-fidelity``). Nothing is ever downloaded: the weights file must be on
 disk (see :func:`resolve_inception_weights`).
 
-Protocol (spec 9, 13.12): FID and IS on 50,000 samples, FID against the **training** split without
+Protocol (paper section 4): FID and IS on 50,000 samples, FID against the **training** split without
 augmentation, IS as the mean ± std over 10 splits. Samples are quantised to uint8 with
 :func:`ddpm.images.to_uint8` (clip to [-1, 1], round) before the network sees them.
 """
@@ -408,7 +408,7 @@ def compute_fid(samples: Any, reference: str = "cifar10:train", *, split: str | 
         reference: a dataset source as ``ddpm.data`` reads it, optionally ``"SOURCE:SPLIT"``
             (statistics computed once and cached), or a stats ``.npz`` (``mu``, ``sigma``).
         split: the reference split when ``reference`` names none (default ``train``: the
-            paper's FID is against the training set, spec 9).
+            paper's FID is against the training set, paper section 4).
         cache_dir: cache folder (default ``$DDPM_CACHE_DIR`` or ``~/.cache/ddpm``).
         inception_weights: local Inception weights file (else ``$DDPM_INCEPTION_WEIGHTS`` or
             torch hub's cache); never downloaded.

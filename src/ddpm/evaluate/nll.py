@@ -1,4 +1,4 @@
-"""Exact bits/dim of a dataset: the full variational bound, all T terms (spec 5.5, paper Table 1).
+"""Exact bits/dim of a dataset: the full variational bound, all T terms (paper Eq. 5, Table 1).
 
 For every image the bound is one Monte-Carlo sample of x_t per timestep, T network calls:
 total = L_T (prior) + Σ_{i>=1} L_i (KL terms) + L_0 (discretized decoder), in bits/dim
@@ -201,7 +201,7 @@ def evaluate_nll(model, diffusion, images_u8: np.ndarray, *, batch_size: int = 6
         diffusion: a ``GaussianDiffusion`` (its ``calc_bpd_loop`` does the work).
         batch_size: images per forward pass (results do not depend on it).
         seed: image k (global index) draws its noise from seed ``seed + k``.
-        clip_denoised: clip x̂0 to [-1, 1] (the official evaluation does; spec 5.5).
+        clip_denoised: clip x̂0 to [-1, 1] (the official evaluation does; paper section 4.2, Table 1).
         amp_dtype: e.g. ``torch.bfloat16`` to run the network under autocast (the VLB math
             stays in float32).
         labels: int64 [N] class labels for a class-conditional model: the result is then the

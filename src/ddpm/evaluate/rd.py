@@ -1,9 +1,9 @@
-"""Rate–distortion of progressive lossy decompression (paper §4.3, Fig. 5, Table 4; spec 5.6).
+"""Rate–distortion of progressive lossy decompression (paper section 4.3, Fig. 5, Table 4).
 
 Everything comes from one bits/dim run (:class:`ddpm.evaluate.nll.NLLResult`): the dataset
 means of the VLB terms and of the x̂0 mean-squared error, per timestep.
 
-Indexing (paper time t = 1..T, 0-based array index i = t-1, spec section 1):
+Indexing (paper time t = 1..T, 0-based array index i = t-1, as everywhere in the package):
 
 - ``terms[i]`` for i >= 1 is the paper's L_i = KL(q(x_i | x_{i+1}, x0) ‖ p(x_i | x_{i+1})): the
   cost of sending x_i to a receiver that already holds x_{i+1}; ``terms[0]`` is L0 (decoder).
@@ -14,7 +14,7 @@ Indexing (paper time t = 1..T, 0-based array index i = t-1, spec section 1):
   **distortion(t) = 127.5·sqrt(mse[t-1])**, an RMSE on the 0..255 scale.
 
 The paper does not say whether the RMSE is per-image averaged or from the dataset-mean MSE
-(spec 14); we use the dataset-mean MSE (the root of the mean squared error over all pixels of
+(docs/DEVIATIONS.md); we use the dataset-mean MSE (the root of the mean squared error over all pixels of
 all images, i.e. ``sqrt(‖x0 - x̂0‖²/D)`` with D counting every pixel of the set).
 """
 

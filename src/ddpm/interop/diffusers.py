@@ -243,13 +243,13 @@ def model_to_diffusers_config(model_cfg: Any, out_channels: int) -> dict[str, An
 
 
 def _default_var_type(resolution: int) -> str:
-    # spec 6.2: CIFAR-10 (32x32) sampled with fixedlarge, the 256x256 models with fixedsmall.
+    # the official sampling scripts: CIFAR-10 (32x32) sampled with fixedlarge, the 256x256 models with fixedsmall.
     return "fixedlarge" if resolution == 32 else "fixedsmall"
 
 
 def scheduler_config_to_diffusion(sched: Mapping[str, Any] | None, resolution: int, out_channels: int,
                                   in_channels: int, where: str = "scheduler_config.json"):
-    """A ``DiffusionConfig`` from a diffusers scheduler config (or the spec 6.2 defaults if None).
+    """A ``DiffusionConfig`` from a diffusers scheduler config (or the official sampling scripts' defaults if None).
 
     Sampling-time options (clip_sample, thresholding, timestep_spacing, ...) are not part of our
     config and are ignored: our sampler clips x0 as the official code does.
@@ -534,7 +534,7 @@ def from_diffusers_dir(src_dir: str | os.PathLike, out_path: str | os.PathLike) 
             ``.bin``, read with ``weights_only=True``), or a pipeline folder with ``unet/``.
             ``scheduler_config.json`` (beside the weights, in ``src_dir`` or ``scheduler/``) sets
             T, the beta schedule, the prediction and variance type; without one: linear
-            1e-4..0.02, T = 1000, eps, and fixedlarge for 32x32 / fixedsmall otherwise (spec 6.2).
+            1e-4..0.02, T = 1000, eps, and fixedlarge for 32x32 / fixedsmall otherwise (the official sampling scripts).
         out_path: the ``.safetensors`` checkpoint to write (``kind: "weights"``, tensors under
             ``ema/``, floats as float32).
     Returns:

@@ -1,6 +1,6 @@
-"""The paper's U-Net (spec section 7; official ``diffusion_tf/models/unet.py``), in PyTorch.
+"""The paper's U-Net (paper Appendix B; official ``diffusion_tf/models/unet.py``), in PyTorch.
 
-Structure, exactly as the official code (spec 7.1-7.6):
+Structure, exactly as the official code (paper Appendix B):
 
 * timestep embedding: ``ch``-dim sinusoid of the 0-based step ``t`` (sin first, frequencies
   ``exp(-ln(1e4) k / (half - 1))``), then dense ``ch -> 4ch`` -> swish -> dense ``4ch -> 4ch``;
@@ -17,7 +17,7 @@ Structure, exactly as the official code (spec 7.1-7.6):
 
 GroupNorm is 32 groups, eps 1e-6. Every conv/linear is Xavier-uniform (TF ``fan_avg`` uniform)
 with zero bias; ``conv2`` of every ResBlock, attention ``proj_out`` and ``conv_out`` use scale
-1e-10 (near zero, spec 7.1). Residual adds are unscaled.
+1e-10 (near zero, paper Appendix B). Residual adds are unscaled.
 
 State dict names (the official TF scopes, as in the pesser transplant; ``l`` is the level,
 0 = full resolution, in both ``down`` and ``up``)::
@@ -85,7 +85,7 @@ def _norm(c: int) -> nn.GroupNorm:
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal embedding of the 0-based step (spec 7.2; official ``get_timestep_embedding``).
+    """Sinusoidal embedding of the 0-based step (paper Appendix B; official ``get_timestep_embedding``).
 
     Args:
         t: [B] int64 or float timesteps (0-based, as the network sees them).
@@ -122,7 +122,7 @@ class TimestepMLP(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """Official ResnetBlock (spec 7.3), ``conv_shortcut=False``.
+    """Official ResnetBlock (paper Appendix B), ``conv_shortcut=False``.
 
     h = conv1(swish(GN(x))); h += temb_proj(swish(temb)); h = conv2(dropout(swish(GN(h))));
     return nin_shortcut(x) (1x1, only when channels change) + h.
@@ -165,7 +165,7 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-    """Official AttnBlock (spec 7.4): single-head self-attention over all H*W positions.
+    """Official AttnBlock (paper Appendix B): single-head self-attention over all H*W positions.
 
     q, k, v = separate C -> C projections of GN(x); w = softmax(q k^T C^-1/2); return
     x + proj_out(w v). Runs through ``F.scaled_dot_product_attention`` (fused kernels).
@@ -194,7 +194,7 @@ class AttnBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """3x3 conv, stride 2, TF "SAME" padding (spec 7.5).
+    """3x3 conv, stride 2, TF "SAME" padding (paper Appendix B).
 
     TF pads ``total = max((ceil(n/2) - 1) * 2 + 3 - n, 0)`` rows, ``total // 2`` before: for even
     n that is 0 top/left and 1 bottom/right (the asymmetric padding the released weights need);

@@ -1,4 +1,4 @@
-"""Exponential moving average of the weights (spec 8.2), the weights used for all evaluation.
+"""Exponential moving average of the weights (paper Appendix B), the weights used for all evaluation.
 
 The official code uses ``tf.train.ExponentialMovingAverage`` with decay 1e-10 at step 0 and
 ``ema_decay`` afterwards, without the ``num_updates`` warm-up. In effect the average starts as a

@@ -1,4 +1,4 @@
-"""The trainer: ``train(cfg, out_dir, resume=None)`` (spec section 8).
+"""The trainer: ``train(cfg, out_dir, resume=None)`` (paper Appendix B).
 
 ``train`` takes the run folder's writer lock (:mod:`.lock`), turns SIGINT/SIGTERM into a
 graceful stop (:mod:`.stop`), builds the parts, restores a checkpoint if asked, and then runs

@@ -19,7 +19,7 @@ from ..errors import CheckpointError
 
 
 def warmup_lr(step: int, lr: float, warmup_steps: int) -> float:
-    """lr·min(step / warmup_steps, 1); ``warmup_steps == 0`` means no warm-up (spec 8.2)."""
+    """lr·min(step / warmup_steps, 1); ``warmup_steps == 0`` means no warm-up (paper Appendix B)."""
     if warmup_steps <= 0:
         return float(lr)
     return float(lr) * min(step / warmup_steps, 1.0)
@@ -48,7 +48,7 @@ def grad_norm_and_clip(params: list[torch.nn.Parameter], max_norm: float) -> tor
     after gradient accumulation), as a single-GPU re-implementation normally does. The official
     TPU code instead clips each replica's local-batch gradient to ``grad_clip/num_replicas``
     inside a CrossShardOptimizer and then sums; the two differ only when clipping is active
-    (spec 8.2). ``max_norm == 0`` disables clipping; the norm is still returned for logging.
+    (paper Appendix B). ``max_norm == 0`` disables clipping; the norm is still returned for logging.
     Non-finite norms are returned as is and the gradients are left untouched.
     """
     with_grad = [p for p in params if p.grad is not None]

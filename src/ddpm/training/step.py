@@ -1,4 +1,4 @@
-"""One optimiser step (paper Algorithm 1, spec section 8), callable on its own.
+"""One optimiser step (paper Algorithm 1 and Appendix B), callable on its own.
 
 ``train_step(parts, batch, step)`` does exactly what the trainer does at 0-based step index
 ``step`` (``step`` updates already done):

@@ -1,7 +1,7 @@
 """Which timesteps each training example gets.
 
-``uniform`` is the paper's t ~ U{0..T-1}, one per example (spec 8.3). ``importance`` is
-improved-diffusion's loss-second-moment resampler (spec 12): keep the last 10 losses seen at
+``uniform`` is the paper's t ~ U{0..T-1}, one per example (paper section 3.3 and Appendix B). ``importance`` is
+improved-diffusion's loss-second-moment resampler (Nichol & Dhariwal 2021): keep the last 10 losses seen at
 every t; once every t has 10, sample t with probability p_t ∝ sqrt(E[L_t²]), mixed with a
 uniform distribution of weight 0.001, and weight each example by 1/(T·p_t) so the weighted loss
 is still an unbiased estimate of the uniform-t loss. Before that warm-up it samples uniformly
