@@ -131,3 +131,22 @@ def test_registry_lookup_and_errors():
         samplers.get("ddmi")
     with pytest.raises(ValueError, match="unique"):
         samplers.register(type("Dup", (samplers.get("ddim"),), {}))
+
+
+def test_fid_samples_of_a_conditional_model_are_class_balanced_on_every_rank():
+    from ddpm.evaluate.fid import generate_samples, rank_seeds
+
+    d = make()
+    n, C = 7, 3
+    for rank in range(2):
+        m = CondToy()
+        m.num_classes = C
+        generate_samples(d, m, n, SHAPE, seed=100, batch_size=n, gather=False, rank=rank, world_size=2,
+                         num_classes=C)
+        ks = [s - 100 for s in rank_seeds(n, 100, rank, 2)]  # the global image indices of this rank
+        assert all(torch.equal(y, torch.tensor([k % C for k in ks])) for y in m.seen)
+    m = CondToy()
+    m.num_classes = C
+    generate_samples(d, m, 3, SHAPE, seed=0, batch_size=3, gather=False, rank=0, world_size=1, num_classes=C,
+                     guidance=2.0)
+    assert torch.equal(m.seen[0], torch.tensor([0, 1, 2, C, C, C]))  # both branches in one call

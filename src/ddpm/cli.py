@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--precision", default="fp32", choices=SAMPLE_PRECISIONS, help="network precision")
     f.add_argument("--inception-weights", default=None, metavar="PATH", help="local Inception weights file")
     f.add_argument("--cache-dir", default=None, help="where reference statistics are cached")
+    f.add_argument("--guidance", type=_float_at_least(0.0), default=None, metavar="W",
+                   help="class-conditional --ckpt: balanced classes (image k asks for k mod C) at guidance W "
+                        "(default 1: plain conditional)")
     f.add_argument("--out", default="fid.json", metavar="FILE.json", help="results")
     qd = esub.add_parser("quality", help="offline sample quality for the embedded digits (classifier features)",
                          formatter_class=_FMT)

@@ -316,8 +316,13 @@ def _samples_from(args: argparse.Namespace, n: int):
     model, diffusion, cfg, _ = load(args.ckpt, device=dev)
     shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
     # split over ranks under torchrun (image k still uses seed SEED+k), gathered on every rank
+    guidance = getattr(args, "guidance", None)
+    if guidance is not None and cfg.model.num_classes == 0:
+        raise UserError(f"--guidance: {args.ckpt} is an unconditional model (model.num_classes=0); "
+                        f"guidance needs a class-conditional one")
     images = generate_samples(diffusion, model, n, shape, seed=args.seed, batch_size=args.batch_size, device=dev,
-                              amp_dtype=_amp(args.precision), progress=True)
+                              amp_dtype=_amp(args.precision), progress=True, num_classes=cfg.model.num_classes,
+                              guidance=guidance)
     return images, cfg
 
 

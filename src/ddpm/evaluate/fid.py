@@ -450,21 +450,30 @@ def compute_fid(samples: Any, reference: str = "cifar10:train", *, split: str | 
 def generate_samples(diffusion, model, n: int, image_shape: Sequence[int], *, seed: int = 0,
                      batch_size: int = 256, device: str | torch.device = "cpu", amp_dtype=None,
                      progress: bool = False, gather: bool = True, rank: int | None = None,
-                     world_size: int | None = None) -> np.ndarray:
+                     world_size: int | None = None, num_classes: int = 0,
+                     guidance: float | None = None) -> np.ndarray:
     """Draw ``n`` samples (Algorithm 2) split over ranks; uint8 [N, H, W, C] in seed order.
 
     Image k uses seed ``seed + k`` whatever the number of ranks (:func:`rank_seeds`), so the set
     is the one a single process draws. ``image_shape`` is (C, H, W). ``rank``/``world_size``
     default to the process group. With ``gather`` (needs a process group when world_size > 1)
     every rank receives all N images; otherwise each rank returns only its shard.
+
+    A class-conditional model (``num_classes`` C > 0) draws balanced classes: image k asks for
+    class k mod C (whatever the rank), at classifier-free guidance ``guidance`` (None or 1: the
+    plain conditional model).
     """
     from ddpm.images import to_uint8
     from ddpm.sampling import sample
 
     seeds = rank_seeds(n, seed, rank, world_size)
     if seeds:
+        kwargs, w = None, None
+        if num_classes > 0:
+            kwargs = {"y": torch.as_tensor([(s - seed) % num_classes for s in seeds], dtype=torch.int64)}
+            w = None if guidance is None or guidance == 1 else float(guidance)
         x = sample(diffusion, model, tuple(image_shape), seeds, batch_size=batch_size, device=device,
-                   amp_dtype=amp_dtype, progress=progress)
+                   amp_dtype=amp_dtype, progress=progress, model_kwargs=kwargs, guidance=w)
         local = to_uint8(x)  # sample() returns float32 [N, C, H, W] in [-1, 1]
     else:
         c, h, w = image_shape
