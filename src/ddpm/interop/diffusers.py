@@ -48,6 +48,7 @@ from typing import Any, Mapping
 import torch
 
 from ..errors import CheckpointError, ConfigError
+from ..nets.unet import attention_levels, level_resolutions
 
 __all__ = [
     "diffusers_config_to_model", "model_to_diffusers_config", "state_dict_from_diffusers", "state_dict_to_diffusers",
@@ -181,11 +182,7 @@ def diffusers_config_to_model(cfg: Mapping[str, Any], where: str = "diffusers co
     need("out_channels", c["out_channels"] in (c["in_channels"], 2 * c["in_channels"]),
          f"in_channels ({c['in_channels']}) or twice it (learned variance)")
 
-    attn_res, res = [], size
-    for b in down:
-        if b == "AttnDownBlock2D":
-            attn_res.append(res)
-        res = (res + 1) // 2
+    attn_res = [r for r, b in zip(level_resolutions(size, len(down)), down) if b == "AttnDownBlock2D"]
     model = ModelConfig(resolution=size, in_channels=c["in_channels"], ch=ch, ch_mult=ch_mult,
                         num_res_blocks=c["layers_per_block"], attn_resolutions=tuple(attn_res),
                         dropout=float(c["dropout"]),
@@ -217,10 +214,8 @@ def model_to_diffusers_config(model_cfg: Any, out_channels: int) -> dict[str, An
         raise CheckpointError(f"model.ch_mult={list(mc.ch_mult)} cannot be written as a diffusers UNet2DModel: "
                               f"its conv_in and time embedding use block_out_channels[0], which must equal "
                               f"model.ch, so ch_mult must start with 1")
-    down, res = [], mc.resolution
-    for _ in mc.ch_mult:
-        down.append("AttnDownBlock2D" if res in mc.attn_resolutions else "DownBlock2D")
-        res = (res + 1) // 2
+    down = ["AttnDownBlock2D" if a else "DownBlock2D"
+            for a in attention_levels(mc.resolution, len(mc.ch_mult), mc.attn_resolutions)]
     up = ["AttnUpBlock2D" if b == "AttnDownBlock2D" else "UpBlock2D" for b in reversed(down)]
     return {
         "_class_name": "UNet2DModel", "_diffusers_version": _diffusers_version(),

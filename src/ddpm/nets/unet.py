@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["UNet", "PRESETS", "timestep_embedding"]
+__all__ = ["UNet", "PRESETS", "timestep_embedding", "attention_levels", "level_resolutions"]
 
 _GN_GROUPS = 32
 _GN_EPS = 1e-6
@@ -284,6 +284,23 @@ def _presets() -> dict[str, dict[str, Any]]:
 PRESETS: tuple[str, ...] = ("cifar10", "256", "256-large", "digits", "28", "64")
 
 
+def level_resolutions(resolution: int, levels: int) -> list[int]:
+    """The feature-map size of each U-Net level: ``resolution``, then halved (rounding up, as the
+    stride-2 "SAME" conv does) at every level below it."""
+    out, res = [], int(resolution)
+    for _ in range(int(levels)):
+        out.append(res)
+        res = (res + 1) // 2
+    return out
+
+
+def attention_levels(resolution: int, levels: int, attn_resolutions: Sequence[int]) -> list[bool]:
+    """Which levels get self-attention: those whose size is in ``attn_resolutions`` (the down and up
+    path of a level alike). The one rule the network and the diffusers converter both use."""
+    wanted = {int(r) for r in attn_resolutions}
+    return [r in wanted for r in level_resolutions(resolution, levels)]
+
+
 class UNet(nn.Module):
     """The DDPM U-Net. ``model(x, t) -> out``; ``model(x, t, y)`` for a class-conditional one.
 
@@ -327,8 +344,9 @@ class UNet(nn.Module):
         self.conv_in = _conv(in_channels, ch)
 
         # Down path; track skip channels exactly as the official hs list grows.
+        attn_at = attention_levels(resolution, len(ch_mult), attn_resolutions)
         skip_ch = [ch]
-        cur_ch, res = ch, int(resolution)
+        cur_ch = ch
         self.down = nn.ModuleList()
         for level, mult in enumerate(ch_mult):
             out_ch = ch * mult
@@ -336,14 +354,13 @@ class UNet(nn.Module):
             for _ in range(num_res_blocks):
                 blocks.append(ResBlock(cur_ch, out_ch, temb_ch, dropout))
                 cur_ch = out_ch
-                if res in attn_resolutions:
+                if attn_at[level]:
                     attn.append(AttnBlock(cur_ch))
                 skip_ch.append(cur_ch)
             lvl = _Level(blocks, attn)
             if level != len(ch_mult) - 1:
                 lvl.downsample = Downsample(cur_ch)
                 skip_ch.append(cur_ch)
-                res = (res + 1) // 2
             self.down.append(lvl)
 
         self.mid = _Mid(cur_ch, temb_ch, dropout)
@@ -356,12 +373,11 @@ class UNet(nn.Module):
             for _ in range(num_res_blocks + 1):
                 blocks.append(ResBlock(cur_ch + skip_ch.pop(), out_ch, temb_ch, dropout))
                 cur_ch = out_ch
-                if res in attn_resolutions:
+                if attn_at[level]:
                     attn.append(AttnBlock(cur_ch))
             lvl = _Level(blocks, attn)
             if level != 0:
                 lvl.upsample = Upsample(cur_ch)
-                res = res * 2
             up[level] = lvl
         assert not skip_ch
         self.up = nn.ModuleList(up)
