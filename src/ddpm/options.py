@@ -1,9 +1,10 @@
 """Every option vocabulary of the package, declared once (no torch import).
 
-Config validation (:mod:`ddpm.config`), the command line's ``choices=`` (:mod:`ddpm.cli`), the
-interop and the implementations (:mod:`ddpm.diffusion`, :mod:`ddpm.schedule`,
-:mod:`ddpm.train.precision`, :mod:`ddpm.train.tsampler`) all read these tuples, so adding a value
-is one edit here plus its implementation. The sampler names are not here: they come from the
+Config validation (:mod:`ddpm.config`), the command line's ``choices=`` (:mod:`ddpm.cli`) and the
+schedule names of :mod:`ddpm.schedule` (also what the interop matches against) read these tuples,
+so adding a value is one edit here plus its implementation (:mod:`ddpm.diffusion`'s enums,
+:mod:`ddpm.training.precision`, :mod:`ddpm.training.tsampler`, ...); ``tests/test_options.py``
+checks that the implementations and the readers agree with them. The sampler names are not here: they come from the
 sampler registry (:func:`ddpm.samplers.names`), which is their one declaration.
 """
 
