@@ -40,7 +40,7 @@ def evaluate(run: str, precisions: list[str], n_test: int | None, n_samples: int
              seed: int, progress: bool) -> dict:
     """Bits/dim and digits quality per precision, plus the paired bf16 - fp32 differences."""
     from ddpm.api import load
-    from ddpm.data import load_dataset
+    from ddpm.data import load_images
     from ddpm.evaluate.digits_quality import digits_quality
     from ddpm.evaluate.fid import generate_samples
     from ddpm.evaluate.nll import evaluate_nll
@@ -51,7 +51,7 @@ def evaluate(run: str, precisions: list[str], n_test: int | None, n_samples: int
     if (cfg.model.resolution, cfg.model.in_channels) != (8, 1) or cfg.data.source != "digits":
         _log(f"note: {run} is not a digits run (source {cfg.data.source!r}, {cfg.model.resolution}px); "
              "digits quality needs 8x8 samples")
-    test = load_dataset("digits", "test", cfg.model.resolution, cfg.model.in_channels)
+    test = load_images("digits", "test", cfg.model.resolution, cfg.model.in_channels)
     if n_test is not None:
         test = test[:n_test]
     shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm.data import (EpochSampler, apply_flips, digits_indices, digits_labels, load_dataset, load_images,
+from ddpm.data import (EpochSampler, apply_flips, digits_indices, digits_labels, load_images,
                        open_dataset, read_samples)
 from ddpm.errors import DataError
 
@@ -409,8 +409,8 @@ def test_works_with_a_torch_dataloader():
     np.testing.assert_array_equal(batch.numpy(), ds.take(range(5)))
 
 
-def test_load_images_first_n_and_load_dataset():
-    full = load_dataset("digits", "test", 8, 1)
+def test_load_images_first_n_and_all():
+    full = load_images("digits", "test", 8, 1)
     assert full.shape == (297, 8, 8, 1)
     np.testing.assert_array_equal(load_images("digits", "test", 8, 1, n=7), full[:7])
     assert load_images("digits", "test", 8, 1, n=10_000).shape[0] == 297

@@ -111,11 +111,11 @@ def test_unet_sample_independent_of_batch_size(model_and_diffusion, kw):
 
 
 def _check_bpd_invariance(diffusion, model, atol: float = 0.0):
-    from ddpm.data import load_dataset
+    from ddpm.data import load_images
     from ddpm.images import to_model
     calc_bpd_loop = type(diffusion).calc_bpd_loop  # (diffusion, model, x0, ...)
 
-    x0 = to_model(load_dataset("digits", "test", 8, 1)[:5])
+    x0 = to_model(load_images("digits", "test", 8, 1, n=5))
     full = calc_bpd_loop(diffusion, model, x0, seeds=SEEDS)
     again = calc_bpd_loop(diffusion, model, x0, seeds=SEEDS)
     assert torch.isfinite(full["total_bpd"]).all()

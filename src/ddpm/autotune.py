@@ -36,12 +36,13 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
+
+from .atomic import atomic_write_text
 
 __all__ = ["ENV_SWITCH", "ENV_CACHE", "enabled", "cache_dir", "cpu_signature", "machine", "cache_path",
            "measure", "choose", "clear_memory"]
@@ -158,14 +159,7 @@ def _store(path: Path, mach: Mapping[str, str], key: str, entry: dict) -> None:
         decisions[key] = entry
         payload = json.dumps({"format": _FORMAT, "machine": dict(mach), "decisions": decisions}, indent=1,
                              sort_keys=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(payload)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write_text(path, payload)
     except OSError:
         pass  # read-only home, full disk: the decision still holds for this process
 

@@ -44,7 +44,7 @@ from .datasets.digits import digits_indices, digits_labels
 from .datasets.sampler import EpochSampler, apply_flips
 from .errors import DataError
 
-__all__ = ["open_dataset", "load_images", "load_dataset", "read_samples", "digits_labels", "digits_indices",
+__all__ = ["open_dataset", "load_images", "read_samples", "digits_labels", "digits_indices",
            "EpochSampler", "apply_flips", "ImageDataset", "DataError"]
 
 _ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -112,12 +112,6 @@ def load_images(source: str, split: str = "test", resolution: int = 32, channels
         raise DataError(f"number of images must be a non-negative integer, got {n!r}")
     count = len(ds) if n is None else min(int(n), len(ds))
     return ds.take(np.arange(count))
-
-
-def load_dataset(source: str, split: str = "train", resolution: int = 32, channels: int = 3,
-                 skip_bad: bool = False) -> np.ndarray:
-    """Every image of ``split`` as uint8 [N, H, W, C] (``load_images`` with n=None)."""
-    return load_images(source, split, resolution, channels, n=None, skip_bad=skip_bad)
 
 
 def read_samples(source: str) -> np.ndarray:

@@ -394,33 +394,7 @@ def state_dict_from_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch
 
 
 def _key_from_diffusers(key: str, L: int) -> str | None:
-    simple = {"conv_in.": "conv_in.", "time_embedding.linear_1.": "temb.dense0.",
-              "time_embedding.linear_2.": "temb.dense1.", "conv_norm_out.": "norm_out.", "conv_out.": "conv_out.",
-              "class_embedding.": "class_emb."}
-    for a, b in simple.items():
-        if key.startswith(a) and re.fullmatch(_PARAM, key[len(a):]):
-            return b + key[len(a):]
-    m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\." + _PARAM, key)
-    if m and m.group(4) in _RES_FROM:
-        lvl = int(m.group(2)) if m.group(1) == "down" else L - 1 - int(m.group(2))
-        return f"{m.group(1)}.{lvl}.block.{m.group(3)}.{_RES_FROM[m.group(4)]}.{m.group(5)}"
-    m = re.fullmatch(r"(down|up)_blocks\.(\d+)\.attentions\.(\d+)\.([\w.]+?)\." + _PARAM, key)
-    if m and m.group(4) in _ATT_FROM:
-        lvl = int(m.group(2)) if m.group(1) == "down" else L - 1 - int(m.group(2))
-        return f"{m.group(1)}.{lvl}.attn.{m.group(3)}.{_ATT_FROM[m.group(4)]}.{m.group(5)}"
-    m = re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\." + _PARAM, key)
-    if m:
-        return f"down.{m.group(1)}.downsample.conv.{m.group(2)}"
-    m = re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\." + _PARAM, key)
-    if m:
-        return f"up.{L - 1 - int(m.group(1))}.upsample.conv.{m.group(2)}"
-    m = re.fullmatch(r"mid_block\.resnets\.([01])\.(\w+)\." + _PARAM, key)
-    if m and m.group(2) in _RES_FROM:
-        return f"mid.block_{int(m.group(1)) + 1}.{_RES_FROM[m.group(2)]}.{m.group(3)}"
-    m = re.fullmatch(r"mid_block\.attentions\.0\.([\w.]+?)\." + _PARAM, key)
-    if m and m.group(1) in _ATT_FROM:
-        return f"mid.attn_1.{_ATT_FROM[m.group(1)]}.{m.group(2)}"
-    return None
+    return _translate(key, L, to_ours=True)
 
 
 def state_dict_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -439,32 +413,62 @@ def state_dict_to_diffusers(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.T
 
 
 def _key_to_diffusers(key: str, L: int) -> str | None:
-    simple = {"conv_in.": "conv_in.", "temb.dense0.": "time_embedding.linear_1.",
-              "temb.dense1.": "time_embedding.linear_2.", "norm_out.": "conv_norm_out.", "conv_out.": "conv_out.",
-              "class_emb.": "class_embedding."}
-    for a, b in simple.items():
-        if key.startswith(a) and re.fullmatch(_PARAM, key[len(a):]):
-            return b + key[len(a):]
-    m = re.fullmatch(r"(down|up)\.(\d+)\.block\.(\d+)\.(\w+)\." + _PARAM, key)
-    if m and m.group(4) in _RES_TO:
-        blk = int(m.group(2)) if m.group(1) == "down" else L - 1 - int(m.group(2))
-        return f"{m.group(1)}_blocks.{blk}.resnets.{m.group(3)}.{_RES_TO[m.group(4)]}.{m.group(5)}"
-    m = re.fullmatch(r"(down|up)\.(\d+)\.attn\.(\d+)\.(\w+)\." + _PARAM, key)
-    if m and m.group(4) in _ATT_TO:
-        blk = int(m.group(2)) if m.group(1) == "down" else L - 1 - int(m.group(2))
-        return f"{m.group(1)}_blocks.{blk}.attentions.{m.group(3)}.{_ATT_TO[m.group(4)]}.{m.group(5)}"
-    m = re.fullmatch(r"down\.(\d+)\.downsample\.conv\." + _PARAM, key)
-    if m:
-        return f"down_blocks.{m.group(1)}.downsamplers.0.conv.{m.group(2)}"
-    m = re.fullmatch(r"up\.(\d+)\.upsample\.conv\." + _PARAM, key)
-    if m:
-        return f"up_blocks.{L - 1 - int(m.group(1))}.upsamplers.0.conv.{m.group(2)}"
-    m = re.fullmatch(r"mid\.block_([12])\.(\w+)\." + _PARAM, key)
-    if m and m.group(2) in _RES_TO:
-        return f"mid_block.resnets.{int(m.group(1)) - 1}.{_RES_TO[m.group(2)]}.{m.group(3)}"
-    m = re.fullmatch(r"mid\.attn_1\.(\w+)\." + _PARAM, key)
-    if m and m.group(1) in _ATT_TO:
-        return f"mid_block.attentions.0.{_ATT_TO[m.group(1)]}.{m.group(2)}"
+    return _translate(key, L, to_ours=False)
+
+
+# One row per kind of weight, (ours, theirs), read in both directions by :func:`_translate`.
+# Fields: {p} weight|bias; {d} a down level (the same index on both sides); {u} an up level (ours
+# counts levels, diffusers counts blocks from the bottom: block = L - 1 - level); {j} the block or
+# attention index in a level; {res} a ResBlock part (_RES_FROM); {att} an attention part (_ATT_FROM,
+# which also reads pre-0.14 names); {mid} ours block_1/block_2 <-> diffusers resnets.0/1.
+_NAME_TABLE = (
+    ("conv_in.{p}", "conv_in.{p}"),
+    ("temb.dense0.{p}", "time_embedding.linear_1.{p}"),
+    ("temb.dense1.{p}", "time_embedding.linear_2.{p}"),
+    ("norm_out.{p}", "conv_norm_out.{p}"),
+    ("conv_out.{p}", "conv_out.{p}"),
+    ("class_emb.{p}", "class_embedding.{p}"),
+    ("down.{d}.block.{j}.{res}.{p}", "down_blocks.{d}.resnets.{j}.{res}.{p}"),
+    ("up.{u}.block.{j}.{res}.{p}", "up_blocks.{u}.resnets.{j}.{res}.{p}"),
+    ("down.{d}.attn.{j}.{att}.{p}", "down_blocks.{d}.attentions.{j}.{att}.{p}"),
+    ("up.{u}.attn.{j}.{att}.{p}", "up_blocks.{u}.attentions.{j}.{att}.{p}"),
+    ("down.{d}.downsample.conv.{p}", "down_blocks.{d}.downsamplers.0.conv.{p}"),
+    ("up.{u}.upsample.conv.{p}", "up_blocks.{u}.upsamplers.0.conv.{p}"),
+    ("mid.block_{mid}.{res}.{p}", "mid_block.resnets.{mid}.{res}.{p}"),
+    ("mid.attn_1.{att}.{p}", "mid_block.attentions.0.{att}.{p}"),
+)
+_FIELD_RE = {"p": r"weight|bias", "d": r"\d+", "u": r"\d+", "j": r"\d+", "res": r"\w+", "att": r"[\w.]+?",
+             "mid": r"\d"}
+
+
+def _template_re(template: str) -> re.Pattern:
+    parts = re.split(r"\{(\w+)\}", template)  # literal, field, literal, field, ...
+    return re.compile("".join(re.escape(x) if i % 2 == 0 else f"(?P<{x}>{_FIELD_RE[x]})"
+                              for i, x in enumerate(parts)))
+
+
+_COMPILED = [(_template_re(ours), _template_re(theirs), ours, theirs) for ours, theirs in _NAME_TABLE]
+
+
+def _translate(key: str, L: int, to_ours: bool) -> str | None:
+    """``key`` in the other naming (diffusers -> ours with ``to_ours``), or None if no row matches."""
+    for ours_re, theirs_re, ours, theirs in _COMPILED:
+        m = (theirs_re if to_ours else ours_re).fullmatch(key)
+        if m is None:
+            continue
+        f = dict(m.groupdict())
+        if "res" in f:
+            f["res"] = (_RES_FROM if to_ours else _RES_TO).get(f["res"])
+        if "att" in f:
+            f["att"] = (_ATT_FROM if to_ours else _ATT_TO).get(f["att"])
+        if "u" in f:
+            f["u"] = L - 1 - int(f["u"])  # the mirror is its own inverse
+        if "mid" in f:
+            mid = int(f["mid"]) + (1 if to_ours else -1)  # ours 1, 2 <-> theirs 0, 1
+            f["mid"] = mid if mid in ((1, 2) if to_ours else (0, 1)) else None
+        if any(v is None for v in f.values()):
+            return None
+        return (ours if to_ours else theirs).format(**f)
     return None
 
 

@@ -263,17 +263,18 @@ def _model_config_kwargs(mc: Any) -> dict[str, Any]:
 
 
 def _presets() -> dict[str, dict[str, Any]]:
+    """The named architectures: the paper's come from the run presets of :mod:`ddpm.config` (their one
+    declaration); ``28`` and ``64`` are extra test architectures (odd level sizes, 64x64)."""
     from ..config import PRESETS as RUN_PRESETS
 
-    cifar = dict(in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
-                 dropout=0.1, resolution=32)
-    big = dict(in_channels=3, ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,),
-               dropout=0.0, resolution=256)
+    def run(name: str) -> dict[str, Any]:
+        return _model_config_kwargs(RUN_PRESETS[name].model)
+
     return {
-        "cifar10": cifar,                                   # 35,746,307 parameters
-        "256": big,                                         # 113,673,219 (CelebA-HQ, LSUN)
-        "256-large": dict(big, ch=192),                     # 255,677,955 (large LSUN Bedroom, ch inferred)
-        "digits": _model_config_kwargs(RUN_PRESETS["digits"].model),
+        "cifar10": run("cifar10"),                          # 35,746,307 parameters
+        "256": run("celebahq256"),                          # 113,673,219 (CelebA-HQ, LSUN)
+        "256-large": run("lsun_bedroom256_large"),          # 255,677,955 (large LSUN Bedroom, ch inferred)
+        "digits": run("digits"),
         "28": dict(in_channels=1, ch=64, ch_mult=(1, 2, 2), num_res_blocks=2, attn_resolutions=(14,),
                    dropout=0.0, resolution=28),
         "64": dict(in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
