@@ -18,19 +18,18 @@ import torch
 
 from ..analytic import chain_variance, check_var_option
 from . import register
-from .base import Chain, Denoiser, Sampler
+from .base import Chain, StepSampler, last_step_mask
 
 
 @register
-class Ancestral(Sampler):
+class Ancestral(StepSampler):
     name = "ancestral"
     help = "paper Algorithm 2 (p_sample of the official code), 1 network call per step"
 
     def __init__(self, chain: Chain):
         super().__init__(chain)
         d = chain.spaced
-        mask = np.ones(len(chain))
-        mask[0] = 0.0  # no noise at the last step
+        mask = last_step_mask(chain)
         self.mask = chain.table(mask)
         self.analytic = check_var_option(chain.options) == "analytic"
         if self.analytic:
@@ -39,18 +38,8 @@ class Ancestral(Sampler):
             self.std = chain.table(mask * np.exp(0.5 * d.coef_arrays["fixed_log_variance"]))
 
     def step(self, k: int, x: torch.Tensor, out: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step from chain index k given the model output ``out`` and the noise draw ``z``.
-        Returns (x_{k-1}, pred_x0), both like x."""
         d = self.chain.spaced
         mean, _, log_var, x0 = d.mean_variance_from_output(out, x, self.chain.coefs[k], self.chain.clip_denoised)
         if d.learned_variance and not self.analytic:
             return mean + self.mask[k] * torch.exp(0.5 * log_var) * z, x0
         return mean + self.std[k] * z, x0
-
-    def run(self, denoise: Denoiser, x: torch.Tensor, noise, callback=None, start: int | None = None
-            ) -> torch.Tensor:
-        for k in range(len(self.chain) - 1 if start is None else start, -1, -1):
-            x, x0 = self.step(k, x, denoise(x, k), noise.next())
-            if callback is not None:
-                callback(k, x0)
-        return x

@@ -190,3 +190,30 @@ class Sampler:
         (x is then x_{s_start}: interpolation decodes from an intermediate step); samplers that
         cannot start mid-chain raise :class:`ddpm.errors.SamplingOptionError`. Returns x_0 [B, C, H, W]."""
         raise NotImplementedError
+
+
+class StepSampler(Sampler):
+    """A sampler whose chain step k depends only on x_k, the model output at k and one noise draw
+    (ancestral, DDIM): subclasses implement :meth:`step`; the walk, one network call and one
+    ``noise.next()`` per step (also where the noise is unused, so image k's stream stays fixed),
+    and mid-chain starts are shared here."""
+
+    def step(self, k: int, x: torch.Tensor, out: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step from chain index k given the model output ``out`` and the noise draw ``z``.
+        Returns (x_{k-1}, pred_x0), both like x."""
+        raise NotImplementedError
+
+    def run(self, denoise: Denoiser, x: torch.Tensor, noise: NoiseSource, callback: Callback | None = None,
+            start: int | None = None) -> torch.Tensor:
+        for k in range(len(self.chain) - 1 if start is None else start, -1, -1):
+            x, x0 = self.step(k, x, denoise(x, k), noise.next())
+            if callback is not None:
+                callback(k, x0)
+        return x
+
+
+def last_step_mask(chain: Chain) -> np.ndarray:
+    """float64 [K]: 1, except 0 at chain step 0, where no noise is added (Algorithm 2: z = 0 at t = 1)."""
+    mask = np.ones(len(chain))
+    mask[0] = 0.0
+    return mask

@@ -21,11 +21,11 @@ import torch
 from ..analytic import chain_variance, check_var_option
 from ..errors import SamplingOptionError
 from . import register
-from .base import Chain, Denoiser, Sampler
+from .base import Chain, StepSampler, last_step_mask
 
 
 @register
-class DDIM(Sampler):
+class DDIM(StepSampler):
     name = "ddim"
     help = "DDIM (Song et al. 2021), deterministic at eta 0, 1 network call per step"
 
@@ -35,8 +35,7 @@ class DDIM(Sampler):
         if isinstance(eta, bool) or not (isinstance(eta, (int, float)) and eta >= 0 and math.isfinite(eta)):
             raise SamplingOptionError(f"eta must be a number >= 0, got {eta!r}")
         d = chain.spaced
-        mask = np.ones(len(chain))
-        mask[0] = 0.0
+        mask = last_step_mask(chain)
         abar, abar_prev = d.alphas_cumprod, d.alphas_cumprod_prev
         sigma = eta * np.sqrt((1 - abar_prev) / (1 - abar)) * np.sqrt(1 - abar / abar_prev) * mask
         noise_sd = sigma
@@ -47,17 +46,7 @@ class DDIM(Sampler):
         self.dir_coef = chain.table(np.sqrt(np.maximum(1 - abar_prev - sigma ** 2, 0.0)))
 
     def step(self, k: int, x: torch.Tensor, out: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One step from chain index k given the model output ``out`` and the noise draw ``z``.
-        Returns (x_{k-1}, pred_x0), both like x."""
         c = self.chain.coefs[k]
         _, _, _, x0 = self.chain.spaced.mean_variance_from_output(out, x, c, self.chain.clip_denoised)
         eps = (c.sqrt_recip_alphas_cumprod * x - x0) / c.sqrt_recipm1_alphas_cumprod
         return self.sqrt_abar_prev[k] * x0 + self.dir_coef[k] * eps + self.sigma[k] * z, x0
-
-    def run(self, denoise: Denoiser, x: torch.Tensor, noise, callback=None, start: int | None = None
-            ) -> torch.Tensor:
-        for k in range(len(self.chain) - 1 if start is None else start, -1, -1):
-            x, x0 = self.step(k, x, denoise(x, k), noise.next())
-            if callback is not None:
-                callback(k, x0)
-        return x
