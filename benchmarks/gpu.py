@@ -6,12 +6,12 @@
 Measures, on the cifar10 preset's U-Net (35.7M parameters), against diffusers on the same weights
 (workloads.py says exactly what each side does):
 
-* train   training steps/s at batch 128: ours in bf16 autocast with fused Adam, eager and (unless
-          --no-compile) ``torch.compile``-d, against diffusers' example loop in bf16 autocast
+* train   training steps/s at batch 128: ours in bf16 autocast with fused Adam, eager (NCHW) and
+          (unless --no-compile) ``torch.compile``-d (channels_last), against diffusers' example loop in bf16 autocast
           (and in fp32, for reference).
 * sample  seconds for 256 samples x 1000 ancestral steps, extrapolated from k timed steps of a
           k-step chain (the same per-step work; setup included): ours replayed from CUDA graphs in
-          fp32 and bf16, and (unless --no-compile) compiled with CUDA graphs in bf16, against
+          fp32 and bf16 (NCHW), and (unless --no-compile) compiled with CUDA graphs in bf16, against
           diffusers' DDPMPipeline loop in fp32 and with the model in bf16.
 
 Every implementation is timed in the same process in rotating order after warm-up (compilation
@@ -78,12 +78,15 @@ def bench_train(args, device, cfg, deadline: float) -> dict:
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
     x0 = fixed_batch(cfg, args.train_batch, device)
     cuda = device.type == "cuda"
-    variants = {"ours_bf16_fused": OursOptions(channels_last=True, precision="bf16", fused_adam=cuda)}
+    variants = {"ours_bf16_fused": OursOptions(channels_last=False, precision="bf16", fused_adam=cuda)}
     if args.compile:
         variants["ours_bf16_fused_compile"] = OursOptions(channels_last=True, precision="bf16", fused_adam=cuda,
                                                           compile=True)
     fns = {"diffusers_bf16": TheirsTrainStep(copy_model(theirs), x0, device, amp_dtype=torch.bfloat16),
            "diffusers_fp32": TheirsTrainStep(theirs, x0, device)}
+    if args.channels_last:
+        variants.update({f"{k}_channels_last": replace(o, channels_last=True)
+                         for k, o in list(variants.items()) if not o.compile})
     for i, (name, o) in enumerate(variants.items()):
         fns[name] = OursTrainStep(copy_model(ours) if i else ours, diffusion, x0, device, o)
     n = args.train_steps
@@ -118,11 +121,15 @@ def bench_sample(args, device, cfg, deadline: float) -> dict:
     shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
     B, k, T = args.sample_batch, args.sample_steps, diffusion.num_timesteps
     cuda = device.type == "cuda"
-    variants = {"ours_fp32_graph": SampleOptions(channels_last=True, cuda_graph=cuda),
-                "ours_bf16_graph": SampleOptions(channels_last=True, cuda_graph=cuda, amp_dtype=torch.bfloat16)}
+    # eager variants in sample()'s default layout (NCHW on CUDA), compiled ones in channels_last
+    variants = {"ours_fp32_graph": SampleOptions(channels_last=False, cuda_graph=cuda),
+                "ours_bf16_graph": SampleOptions(channels_last=False, cuda_graph=cuda, amp_dtype=torch.bfloat16)}
     if args.compile and time.monotonic() < deadline:
         variants["ours_bf16_compile_graph"] = SampleOptions(channels_last=True, compile=True, cuda_graph=cuda,
                                                             amp_dtype=torch.bfloat16)
+    if args.channels_last:
+        variants.update({f"{n}_channels_last": replace(o, channels_last=True)
+                         for n, o in list(variants.items()) if not o.compile})
     fns = {"diffusers_fp32": TheirsSampler(theirs, shape, B, k, device, T),
            "diffusers_bf16": TheirsSampler(copy_model(theirs).to(torch.bfloat16), shape, B, k, device, T)}
     for name, o in variants.items():
@@ -152,6 +159,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true",
                    help="tiny U-Net, batch 2, 2 steps, one repeat, on the CPU unless --device: tests the script")
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile variants")
+    p.add_argument("--channels-last", action="store_true",
+                   help="also time ours' eager variants in channels_last (they run in NCHW, the CUDA default)")
     p.add_argument("--only", choices=("train", "sample"), default=None, help="one section")
     p.add_argument("--train-batch", type=int, default=128)
     p.add_argument("--train-steps", type=int, default=20, help="training steps per timed call")
@@ -197,16 +206,22 @@ def main(argv=None) -> int:
     log(f"ddpm vs diffusers on {meta['device_name']} ({device}), torch {meta['torch']}, "
         f"diffusers {meta['diffusers']}")
     result: dict = {"meta": meta}
-    if args.only in (None, "train"):
-        result["train"] = bench_train(args, device, cfg, deadline)
-    if args.only in (None, "sample"):
-        result["sample"] = bench_sample(args, device, cfg, deadline)
-    meta["wall_s"] = round(time.monotonic() - t0, 1)
     out = Path(args.out or f"bench_results/gpu_{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out)
+
+    def save() -> None:
+        # Written after each section: a run stopped by the time limit keeps what it measured.
+        meta["wall_s"] = round(time.monotonic() - t0, 1)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=1))
+        tmp.replace(out)
+
+    if args.only in (None, "train"):
+        result["train"] = bench_train(args, device, cfg, deadline)
+        save()
+    if args.only in (None, "sample"):
+        result["sample"] = bench_sample(args, device, cfg, deadline)
+    save()
     log("")
     if "train" in result:
         tr = result["train"]

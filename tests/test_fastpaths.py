@@ -99,9 +99,10 @@ def test_fast_model_leaves_plain_callables_and_other_devices_alone():
     assert not wants_channels_last(f, "cpu")
     assert not wants_channels_last(_tiny(), "meta")
     assert wants_channels_last(_tiny(), "cpu")
-    # CPU: NHWC only for images of 32x32 and more (measured slower on 8x8); CUDA: always
+    # CPU: NHWC only for images of 32x32 and more (measured slower on 8x8); CUDA: only compiled
     assert not wants_channels_last(_tiny(), "cpu", (8, 8)) and wants_channels_last(_tiny(), "cpu", (32, 32))
-    assert wants_channels_last(_tiny(), "cuda", (8, 8))
+    assert not wants_channels_last(_tiny(), "cuda", (32, 32))
+    assert wants_channels_last(_tiny(), "cuda", (32, 32), compile=True)
     assert not FastModel(_tiny(), "cpu", image_hw=(8, 8)).channels_last
     fm = FastModel(f, "cpu", cuda_graph=True)
     assert not fm.channels_last and not fm.cuda_graph  # CUDA graphs only on CUDA
@@ -359,14 +360,34 @@ def test_gpu_benchmark_script_dry_run(tmp_path):
     import gpu
 
     out = tmp_path / "gpu.json"
-    assert gpu.main(["--dry-run", "--out", str(out)]) == 0
+    assert gpu.main(["--dry-run", "--channels-last", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["meta"]["dry_run"] and res["meta"]["device"] == "cpu" and res["meta"]["device_name"]
     tr, sa = res["train"], res["sample"]
-    assert {"diffusers_bf16", "diffusers_fp32", "ours_bf16_fused"} <= set(tr["variants"])
-    assert {"diffusers_bf16", "diffusers_fp32", "ours_fp32_graph", "ours_bf16_graph"} <= set(sa["variants"])
+    assert {"diffusers_bf16", "diffusers_fp32", "ours_bf16_fused", "ours_bf16_fused_channels_last"} <= set(tr["variants"])
+    assert {"diffusers_bf16", "diffusers_fp32", "ours_fp32_graph", "ours_bf16_graph",
+            "ours_bf16_graph_channels_last"} <= set(sa["variants"])
     assert all(math.isfinite(v["last_loss"]) for v in tr["variants"].values())
     assert all(v["finite"] for v in sa["variants"].values())
     assert tr["x_vs_diffusers_bf16"] > 0 and sa["x_vs_diffusers_bf16"] > 0
     key = f"seconds_{sa['batch']}x{sa['num_timesteps']}"
     assert sa[f"ours_best_{key}"] == min(v[key] for k, v in sa["variants"].items() if k.startswith("ours"))
+
+
+@pytest.mark.slow
+def test_gpu_profile_script_dry_run(tmp_path):
+    """benchmarks/gpu_profile.py end to end on the CPU with a tiny U-Net: every workload is
+    profiled and reported with a positive wall time per call."""
+    pytest.importorskip("diffusers")
+    import json
+
+    _bench_modules()
+    import gpu_profile
+
+    out = tmp_path / "profile.json"
+    assert gpu_profile.main(["--dry-run", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    names = set(res["workloads"])
+    assert {"sample_ours_bf16_nchw", "sample_ours_bf16_channels_last", "sample_diffusers_bf16",
+            "train_ours_bf16_nchw", "train_ours_bf16_channels_last", "train_diffusers_bf16"} == names
+    assert all(w["wall_s_per_call"] > 0 and w["gpu_busy_s_per_call"] >= 0 for w in res["workloads"].values())

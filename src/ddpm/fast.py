@@ -135,9 +135,13 @@ def _tuned_channels_last(model: nn.Module, image_hw: tuple[int, int]) -> bool | 
         state.clear()
 
 
-def wants_channels_last(model: Callable, device: torch.device | str, image_hw: tuple[int, int] | None = None) -> bool:
-    """Whether to run ``model`` in NHWC: an ``nn.Module`` with convolution weights, on CUDA
-    (cuDNN's NHWC kernels are the fast ones), or on the CPU where timing it for ``image_hw``
+def wants_channels_last(model: Callable, device: torch.device | str, image_hw: tuple[int, int] | None = None,
+                        compile: bool = False) -> bool:
+    """Whether to run ``model`` in NHWC: an ``nn.Module`` with convolution weights, on CUDA only
+    when ``compile`` (inductor fuses the layout changes away; eager GroupNorm on NHWC tensors adds
+    copies: measured on an H200, torch 2.11, the cifar10 U-Net in eager NCHW was 1.03-1.09x faster
+    than NHWC for sampling with CUDA graphs and 1.05x for training, benchmarks/README.md), or on
+    the CPU where timing it for ``image_hw``
     = (H, W) found NHWC faster (:mod:`ddpm.autotune`, once per machine, thread count and
     network). With ``DDPM_AUTOTUNE=0``, or a model that cannot be probed, the static rule: on the
     CPU for images of at least 32x32 pixels (unknown counts as large). Plain callables are left
@@ -153,6 +157,8 @@ def wants_channels_last(model: Callable, device: torch.device | str, image_hw: t
             if tuned is not None:
                 return tuned
         return int(image_hw[0]) * int(image_hw[1]) >= _CPU_CHANNELS_LAST_MIN_PIXELS
+    if device.type == "cuda":
+        return bool(compile)
     return True
 
 
@@ -318,7 +324,7 @@ class FastModel:
                  compile: bool = False, cuda_graph: bool = False, image_hw: tuple[int, int] | None = None):
         device = torch.device(device)
         self.model = model
-        self.channels_last = (wants_channels_last(model, device, image_hw) if channels_last is None
+        self.channels_last = (wants_channels_last(model, device, image_hw, compile=compile) if channels_last is None
                               else bool(channels_last))
         self.compile = bool(compile)
         self.cuda_graph = bool(cuda_graph) and device.type == "cuda"
