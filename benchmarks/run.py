@@ -84,8 +84,8 @@ def bench_train(args, device: torch.device) -> list[Row]:
         variants.append(OursOptions(channels_last=True, precision="bf16"))
     if not cuda:  # train.winograd: forward, input and weight gradients by Winograd F(4x4, 3x3)
         variants.append(OursOptions(channels_last=True, winograd=True))
-        # the trainer's defaults: NCHW, each conv shape timed once (ddpm.autotune, cached per machine)
-        variants.append(OursOptions(winograd=None))
+        # the trainer's defaults: layout and each conv shape timed once (ddpm.autotune, cached per machine)
+        variants.append(OursOptions(channels_last=None, winograd=None))
     if args.fused_adam and not cuda:
         variants.append(OursOptions(channels_last=True, fused_adam=True))
         variants.append(OursOptions(channels_last=True, fused_adam=True, winograd=True))
@@ -142,8 +142,7 @@ def bench_sample(args, device: torch.device) -> list[Row]:
         variants.append(SampleOptions(channels_last=True, winograd=True))
         variants.append(SampleOptions())
     if cuda:
-        variants += [SampleOptions(channels_last=True, cuda_graph=True),
-                     SampleOptions(channels_last=True, cuda_graph=True, amp_dtype=torch.bfloat16)]
+        variants += [SampleOptions(cuda_graph=True), SampleOptions(cuda_graph=True, amp_dtype=torch.bfloat16)]
     if args.compile:
         variants.append(SampleOptions(channels_last=True, compile=True, cuda_graph=cuda,
                                       amp_dtype=torch.bfloat16 if cuda else None))

@@ -64,7 +64,7 @@ def fixed_batch(cfg: Config, batch: int, device: torch.device, seed: int = 1) ->
 # ---------------------------------------------------------------------------------------------- training
 @dataclass
 class OursOptions:
-    channels_last: bool = False
+    channels_last: bool | None = False  # None: the trainer's default (train.channels_last=auto)
     precision: str = "fp32"     # fp32 | bf16 | fp16 (ddpm.training.precision)
     compile: bool = False
     fused_adam: bool | None = None  # None: the trainer's choice (fused on CUDA, foreach elsewhere)
@@ -74,6 +74,8 @@ class OursOptions:
         parts = [self.precision]
         if self.channels_last:
             parts.append("channels_last")
+        elif self.channels_last is None:
+            parts.append("auto layout")
         if self.winograd:
             parts.append("Winograd")
         elif self.winograd is None:
@@ -94,6 +96,7 @@ class OursTrainStep:
         from dataclasses import replace
 
         from ddpm.config import ModelConfig
+        from ddpm.fast import train_channels_last
         from ddpm.training.ema import EMA
         from ddpm.training.optim import make_optimizer
         from ddpm.training.precision import resolve_precision
@@ -101,9 +104,11 @@ class OursTrainStep:
         from ddpm.training.tsampler import make_t_sampler
 
         tc = replace(tc or TrainConfig(lr=LR), batch_size=x0.shape[0], grad_accum=1, warmup_steps=0,
-                     t_sampler="uniform", channels_last=opts.channels_last, precision=opts.precision)
+                     t_sampler="uniform", channels_last="auto" if opts.channels_last is None else opts.channels_last,
+                     precision=opts.precision)
         shape = replace(ModelConfig(), in_channels=x0.shape[1], resolution=x0.shape[2])
-        if opts.channels_last:
+        nhwc = train_channels_last(tc.channels_last, model.train(), device, tuple(x0.shape[2:]), compile=opts.compile)
+        if nhwc:
             model = model.to(memory_format=torch.channels_last)
         self.x0 = x0
         params = list(model.parameters())
@@ -116,7 +121,8 @@ class OursTrainStep:
                                 train_model=torch.compile(model) if opts.compile else model, diffusion=diffusion,
                                 ema=EMA(model, tc.ema_decay), optimizer=optimizer,
                                 t_sampler=make_t_sampler("uniform", diffusion.num_timesteps),
-                                precision=resolve_precision(opts.precision, device), device=device)
+                                precision=resolve_precision(opts.precision, device), device=device,
+                                channels_last=nhwc)
         # as the trainer does: routed for the whole run (this model copy is this variant's own)
         self._winograd = winograd_convs(model, enabled=opts.winograd is not False, autograd=True,
                                         autotune=None if opts.winograd is None else False)

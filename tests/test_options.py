@@ -55,3 +55,18 @@ def test_options_module_does_not_import_torch():
     code = "import sys, ddpm.options; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_train_channels_last_accepts_auto_true_false():
+    """train.channels_last: "auto" by default; --set spellings of true/false and "auto" parse;
+    anything else is refused naming the key; booleans survive the JSON round trip."""
+    from ddpm.config import Config, ConfigError, apply_overrides, get_preset
+
+    cfg = get_preset("digits")
+    assert cfg.train.channels_last == "auto"
+    for raw, want in (("true", True), ("on", True), ("1", True), ("false", False), ("off", False), ("Auto", "auto")):
+        got = apply_overrides(cfg, [f"train.channels_last={raw}"])
+        assert got.train.channels_last == want and type(got.train.channels_last) is type(want)
+        assert Config.from_json(got.to_json()).train.channels_last == want
+    with pytest.raises(ConfigError, match="train.channels_last"):
+        apply_overrides(cfg, ["train.channels_last=sometimes"])

@@ -117,7 +117,9 @@ class TrainConfig:
     t_sampler: str = "uniform"
     precision: str = "auto"
     compile: bool = False
-    channels_last: bool = False
+    # NHWC weights and activations: "auto" (default) times both layouts once per machine on the
+    # CPU (ddpm.fast.train_channels_last); on CUDA NHWC only with compile. true/false force it.
+    channels_last: bool | str = "auto"
     # CPU float32 eager runs: Winograd F(4x4,3x3) for the 3x3 convs with >= 128 channels
     # (ddpm.winograd); no effect with compile, autocast, on CUDA, or on narrower networks
     winograd: bool = True
@@ -136,8 +138,19 @@ class TrainConfig:
     # replaced by the null label (only used when model.num_classes > 0).
     p_uncond: float = 0.1
 
+    def __post_init__(self) -> None:
+        # --set and JSON give strings or booleans: store True, False or "auto"
+        v = self.channels_last
+        if isinstance(v, str):
+            low = v.strip().lower()
+            v = {"1": True, "true": True, "yes": True, "on": True,
+                 "0": False, "false": False, "no": False, "off": False}.get(low, low)
+        object.__setattr__(self, "channels_last", v)
+
     def validate(self) -> None:
         _check(self.total_steps >= 1, "train.total_steps", self.total_steps, "an integer >= 1")
+        _check(self.channels_last is True or self.channels_last is False or self.channels_last == "auto",
+               "train.channels_last", self.channels_last, "auto, true or false")
         _check(self.batch_size >= 1, "train.batch_size", self.batch_size, "an integer >= 1")
         _check(self.lr > 0, "train.lr", self.lr, "a positive number")
         _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "an integer >= 0")

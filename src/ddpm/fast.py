@@ -38,7 +38,8 @@ from torch import nn
 
 from . import autotune
 
-__all__ = ["channels_last", "lowp_weights", "FastModel", "wants_channels_last", "to_channels_last",
+__all__ = ["channels_last", "lowp_weights", "FastModel", "wants_channels_last", "train_channels_last",
+           "to_channels_last",
            "cpu_has_fast_bf16"]
 
 
@@ -99,11 +100,13 @@ def _input_channels(model: nn.Module) -> int | None:
     return None if first is None else int(first.in_channels)
 
 
-def _tuned_channels_last(model: nn.Module, image_hw: tuple[int, int]) -> bool | None:
+def _tuned_channels_last(model: nn.Module, image_hw: tuple[int, int], train: bool = False) -> bool | None:
     """NHWC or NCHW for ``model(x, t)`` on this CPU, by timing both on a probe batch of zeros
     (:func:`ddpm.autotune.choose`, cached per machine and thread count; NCHW, the plain path,
-    unless NHWC is faster by more than the noise margin). None when the model cannot be probed
-    (unknown input channels, or a forward that needs more than ``(x, t)``)."""
+    unless NHWC is faster by more than the noise margin). ``train``: time a training step's
+    network work instead (forward pass, then every parameter's gradient, without touching
+    ``.grad``). None when the model cannot be probed (unknown input channels,
+    or a forward that needs more than ``(x, t)``)."""
     c_in = _input_channels(model)
     if c_in is None:
         return None
@@ -111,20 +114,28 @@ def _tuned_channels_last(model: nn.Module, image_hw: tuple[int, int]) -> bool | 
     bsz = max(1, min(_PROBE_MAX_BATCH, _PROBE_PIXELS // max(1, h * w)))
     shapes = ";".join(f"{n}:{tuple(p.shape)}" for n, p in model.named_parameters())
     sig = hashlib.sha256(shapes.encode()).hexdigest()[:12]
-    key = f"layout|{type(model).__name__}|{sig}|{bsz}x{c_in}x{h}x{w}|float32|{'train' if model.training else 'eval'}"
+    key = (f"layout|{type(model).__name__}|{sig}|{bsz}x{c_in}x{h}x{w}|float32|{'train' if model.training else 'eval'}"
+           + ("|fwd+bwd" if train else ""))
     x = torch.zeros(bsz, c_in, h, w)
     t = torch.zeros(bsz, dtype=torch.long)
     state: dict[str, nn.Module] = {}
 
+    def run(m: nn.Module, xx: torch.Tensor) -> None:
+        if not train:
+            with torch.no_grad():
+                m(xx, t)
+            return
+        with torch.enable_grad():
+            out = m(xx, t)
+            torch.autograd.grad(out.square().mean(), [p for p in m.parameters() if p.requires_grad])
+
     def nchw():
-        with torch.no_grad():
-            model(x, t)
+        run(model, x)
 
     def nhwc():
         if "m" not in state:  # an NHWC copy, made at the warm-up call (not timed), dropped after
             state["m"] = copy.deepcopy(model).to(memory_format=torch.channels_last)
-        with torch.no_grad():
-            state["m"](to_channels_last(x), t)
+        run(state["m"], to_channels_last(x))
 
     try:
         with torch.random.fork_rng(devices=[]):  # dropout in a train-mode model must not move the seed
@@ -160,6 +171,25 @@ def wants_channels_last(model: Callable, device: torch.device | str, image_hw: t
     if device.type == "cuda":
         return bool(compile)
     return True
+
+
+def train_channels_last(setting: bool | str, model: Callable, device: torch.device | str,
+                        image_hw: tuple[int, int], compile: bool = False) -> bool:
+    """The layout of a training run (``train.channels_last``): True/False as set, or for "auto":
+    on CUDA NHWC only under ``compile`` (as :func:`wants_channels_last`); on the CPU NHWC where
+    timing a forward and backward pass of ``model`` (in its current mode) in both layouts found
+    it faster (:mod:`ddpm.autotune`, cached per machine and thread count), and NCHW, the plain
+    path, with ``DDPM_AUTOTUNE=0``, under ``compile``, or for a model that cannot be probed."""
+    if setting != "auto":
+        return bool(setting)
+    device = torch.device(device)
+    if not isinstance(model, nn.Module) or not any(p.dim() == 4 for p in model.parameters()):
+        return False
+    if device.type == "cuda":
+        return bool(compile)
+    if device.type != "cpu" or compile or not autotune.enabled():
+        return False
+    return bool(_tuned_channels_last(model, image_hw, train=True))
 
 
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:

@@ -135,6 +135,7 @@ def measure_step(cfg: Config, device, world_size: int = 1, batch: Optional[int] 
     import torch
 
     from .diffusion import GaussianDiffusion
+    from .fast import train_channels_last
     from .nets.unet import UNet
     from .training.precision import resolve_precision
     from .winograd import winograd_convs
@@ -150,7 +151,7 @@ def measure_step(cfg: Config, device, world_size: int = 1, batch: Optional[int] 
     with torch.random.fork_rng(devices=[device] if cuda else []):
         torch.manual_seed(0)
         model = UNet.from_config(cfg.model, cfg.out_channels).to(device).train()
-        if tc.channels_last:
+        if train_channels_last(tc.channels_last, model, device, (r, r), compile=tc.compile):
             model = model.to(memory_format=torch.channels_last)
         params = [p for p in model.parameters()]
         ema = [p.detach().clone() for p in params]

@@ -32,6 +32,7 @@ from ..atomic import remove_stale_temps
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import Config
 from ..errors import CheckpointError, ConfigError, UserError
+from ..fast import train_channels_last
 from ..winograd import winograd_convs
 from . import layout
 from .ema import EMA
@@ -178,7 +179,10 @@ class _Trainer:
         # Same initial weights on every rank (DDP would broadcast rank 0's anyway).
         torch.manual_seed(stream_seed(cfg.train.seed, 0, INIT_STREAM))
         model = UNet.from_config(cfg.model, cfg.out_channels).to(env.device)
-        if cfg.train.channels_last:
+        nhwc = train_channels_last(cfg.train.channels_last, model.train(), env.device,
+                                   (cfg.model.resolution, cfg.model.resolution), compile=cfg.train.compile)
+        nhwc = bool(D.broadcast_object(nhwc))  # one layout for every rank: rank 0's (timed) choice
+        if nhwc:
             model = model.to(memory_format=torch.channels_last)
         diffusion = GaussianDiffusion.from_config(cfg.diffusion)
         return TrainParts(cfg=cfg, model=model, train_model=model, diffusion=diffusion,
@@ -186,7 +190,7 @@ class _Trainer:
                           optimizer=make_optimizer(list(model.parameters()), cfg.train, env.device),
                           t_sampler=make_t_sampler(cfg.train.t_sampler, int(diffusion.num_timesteps)),
                           precision=resolve_precision(cfg.train.precision, env.device),
-                          device=env.device, rank=env.rank, world_size=env.world_size)
+                          device=env.device, rank=env.rank, world_size=env.world_size, channels_last=nhwc)
 
     def _wrap(self, parts: TrainParts) -> None:
         """DDP and/or torch.compile around the raw network, for the forward/backward pass only."""
@@ -267,7 +271,7 @@ class _Trainer:
         else:
             run.metrics_path.unlink(missing_ok=True)
         self.log(f"training {self.cfg.preset}: {sum(p.numel() for p in parts.params):,} parameters on "
-                 f"{self.env.device} ({parts.precision.name}), steps {counters.step} -> {tc.total_steps}, "
+                 f"{self.env.device} ({parts.precision.name}, {'NHWC' if parts.channels_last else 'NCHW'}), steps {counters.step} -> {tc.total_steps}, "
                  f"run folder {run.root}")
         return MetricsWriter(run.metrics_path, run.root / "tb")
 

@@ -30,6 +30,9 @@ RESUMABLE_FIELDS = frozenset({
     "train.save_every", "train.save_every_minutes", "train.keep_last", "train.num_workers",
     # activation checkpointing recomputes bit-identically: on or off, the run continues exactly
     "model.checkpointing",
+    # the memory layout changes only the rounding of the same arithmetic (runs written before
+    # "auto" became the default stored false)
+    "train.channels_last",
 })
 
 

@@ -81,6 +81,7 @@ class TrainParts:
     device: torch.device
     rank: int = 0
     world_size: int = 1
+    channels_last: bool = False  # the resolved train.channels_last (the model's weights are NHWC)
     params: list[torch.nn.Parameter] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -150,7 +151,7 @@ def train_step(parts: TrainParts, batch: Batch, step: int) -> StepResult:
     t, w, noise = t_all[lo:hi].to(dev), w_all[lo:hi].to(dev), noise_all[lo:hi]
     batch = drop_batch_labels(cfg, batch, step, lo)
     x0 = batch.x0
-    if tc.channels_last:
+    if parts.channels_last:
         x0 = x0.contiguous(memory_format=torch.channels_last)
         noise = noise.contiguous(memory_format=torch.channels_last)
 
