@@ -1,6 +1,9 @@
 # The README's commands. Needs only python3 (3.10+) and make.
 #   make demo   train the default (digits) preset, sample, evaluate, print where the results are
 #   make test   run the test suite
+#   make test-avx2   the suite with oneDNN and MKL limited to AVX2 kernels (on an AVX-512 CPU: the
+#                    convolution and GEMM code paths of an AVX2-only machine, whose rounding the
+#                    tolerances must allow; README "Development" says why ATen is left alone)
 #   make bench  side-by-side speed against diffusers (BENCH_ARGS="--quick --threads 1" etc.)
 #   make bench-gpu         one prepared GPU run (benchmarks/gpu.sh); make bench-gpu-wheels first, here
 #
@@ -16,7 +19,7 @@ DEMO ?= demo
 BENCH_ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test bench bench-gpu bench-gpu-wheels install clean
+.PHONY: demo test test-avx2 bench bench-gpu bench-gpu-wheels install clean
 
 install: $(STAMP)
 
@@ -31,6 +34,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-avx2: $(STAMP)
+	ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run.py $(BENCH_ARGS)
