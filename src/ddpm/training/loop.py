@@ -179,9 +179,10 @@ class _Trainer:
         # Same initial weights on every rank (DDP would broadcast rank 0's anyway).
         torch.manual_seed(stream_seed(cfg.train.seed, 0, INIT_STREAM))
         model = UNet.from_config(cfg.model, cfg.out_channels).to(env.device)
-        nhwc = train_channels_last(cfg.train.channels_last, model.train(), env.device,
-                                   (cfg.model.resolution, cfg.model.resolution), compile=cfg.train.compile)
-        nhwc = bool(D.broadcast_object(nhwc))  # one layout for every rank: rank 0's (timed) choice
+        # One layout for every rank: rank 0's (timed on the CPU; cached per machine) choice.
+        nhwc = env.rank == 0 and train_channels_last(cfg.train.channels_last, model.train(), env.device,
+                                                     (cfg.model.resolution,) * 2, compile=cfg.train.compile)
+        nhwc = bool(D.broadcast_object(nhwc))
         if nhwc:
             model = model.to(memory_format=torch.channels_last)
         diffusion = GaussianDiffusion.from_config(cfg.diffusion)
@@ -270,9 +271,10 @@ class _Trainer:
             run.truncate_metrics(counters.step)
         else:
             run.metrics_path.unlink(missing_ok=True)
+        layout_name = "NHWC" if parts.channels_last else "NCHW"
         self.log(f"training {self.cfg.preset}: {sum(p.numel() for p in parts.params):,} parameters on "
-                 f"{self.env.device} ({parts.precision.name}, {'NHWC' if parts.channels_last else 'NCHW'}), steps {counters.step} -> {tc.total_steps}, "
-                 f"run folder {run.root}")
+                 f"{self.env.device} ({parts.precision.name}, {layout_name}), steps {counters.step} -> "
+                 f"{tc.total_steps}, run folder {run.root}")
         return MetricsWriter(run.metrics_path, run.root / "tb")
 
     # ------------------------------------------------------------------------------------ checkpoints
