@@ -8,11 +8,13 @@ the step consumes, with ``ddpm data prepare`` / ``train.num_workers`` suggested 
 is the bottleneck.
 
 Warm-up (:func:`measure_step`): a throwaway model, optimiser and EMA copy, built inside
-``torch.random.fork_rng``, train three steps on a random batch (the first pays one-off costs,
-two are timed, the last measures memory), so the run's own initialisation, dropout
+``torch.random.fork_rng``, train a few steps on a random batch (one per batch size pays that
+size's one-off costs, such as first-call kernel setup and the convolution routing's timing; two
+per batch size are timed, the faster kept; the last measures memory), so the run's own
+initialisation, dropout
 stream, data order and resume are exactly as without it. On a CPU the warm-up uses a
 micro-batch of at most ``WARMUP_BATCH`` images (one for networks of ``BIG_PARAMS`` or more),
-times forward + backward at that batch and at twice it, and extrapolates the fitted line
+times forward + backward at that batch and at 8x it (2x for the big networks), and extrapolates the fitted line
 (per-call overhead + per-image cost) to the real micro-batch; the optimiser update is timed
 once, since it does not depend on the batch. Activation memory is scaled linearly (it is per
 image for these convolutional networks). On CUDA it runs the real micro-batch.
@@ -158,7 +160,9 @@ def measure_step(cfg: Config, device, world_size: int = 1, batch: Optional[int] 
         opt = torch.optim.Adam(params, lr=0.0, foreach=not cuda, fused=cuda or None)
         diffusion = GaussianDiffusion.from_config(cfg.diffusion)
         prec = resolve_precision(tc.precision, device)
-        b2 = min(2 * b, micro)  # a second timed batch size: separates the per-call overhead from the per-image cost
+        # A second timed batch size separates the per-call overhead from the per-image cost; for
+        # small networks 8x the first (cheap), so that the slope stands above the timing noise.
+        b2 = min((2 if n_params >= BIG_PARAMS else 8) * b, micro)
         x0_all = torch.rand(b2, c, r, r, device=device) * 2 - 1
         t_all = torch.randint(0, diffusion.num_timesteps, (b2,), device=device)
         noise_all = torch.randn(b2, c, r, r, device=device)
@@ -173,10 +177,11 @@ def measure_step(cfg: Config, device, world_size: int = 1, batch: Optional[int] 
 
         fb_times, upd_times, working = {}, [], None
         with winograd_convs(model, enabled=tc.winograd and not tc.compile, autograd=True):
-            # Step 0 pays one-off costs (and creates Adam's moments); steps 1 and 2 are timed at
-            # batches b and b2; step 3 measures memory (the per-op hook of the dispatch mode would
-            # slow a timed step down ~2x).
-            for k, bk in enumerate([b, b, b2] + ([b] if in_use is not None else [])):
+            # Steps 0 and 1 pay the one-off costs of each batch size (first-call kernel setup, the
+            # convolution routing's timing, Adam's moments); steps 2-5 are timed, twice at each of
+            # batches b and b2 (the faster kept); step 6 measures memory (the per-op hook of the
+            # dispatch mode would slow a timed step down ~2x).
+            for k, bk in enumerate([b, b2] * 3 + ([b] if in_use is not None else [])):
                 x0, t, noise = x0_all[:bk], t_all[:bk], noise_all[:bk]
                 kwargs = {"y": torch.zeros(bk, dtype=torch.long, device=device)} if cfg.model.num_classes > 0 else None
                 opt.zero_grad(set_to_none=True)
@@ -185,7 +190,7 @@ def measure_step(cfg: Config, device, world_size: int = 1, batch: Optional[int] 
                     torch.cuda.reset_peak_memory_stats(device)
                 none = contextlib.nullcontext()
                 hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x) if k == 0 else none
-                measure = k == 3
+                measure = k == 6
                 fb = _peak_mode(in_use) if measure else none
                 upd = _peak_mode(in_use) if measure else contextlib.nullcontext()
                 t0 = time.perf_counter()
@@ -205,7 +210,7 @@ def measure_step(cfg: Config, device, world_size: int = 1, batch: Optional[int] 
                         torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - tc.ema_decay)
                 if cuda:
                     torch.cuda.synchronize(device)
-                if k in (1, 2):
+                if 2 <= k <= 5:
                     fb_times[bk] = min(fb_times.get(bk, float("inf")), t1 - t0)
                     upd_times.append(time.perf_counter() - t1)
                 if measure:
