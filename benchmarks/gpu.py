@@ -7,8 +7,8 @@ Measures, on the cifar10 preset's U-Net (35.7M parameters), against diffusers on
 (workloads.py says exactly what each side does):
 
 * train   training steps/s at batch 128: ours in bf16 autocast with fused Adam, eager (NCHW) and
-          (unless --no-compile) ``torch.compile``-d (channels_last), against diffusers' example loop in bf16 autocast
-          (and in fp32, for reference).
+          (unless --no-compile) ``torch.compile``-d (channels_last), against diffusers' example
+          loop in bf16 autocast (and in fp32, for reference).
 * sample  seconds for 256 samples x 1000 ancestral steps, extrapolated from k timed steps of a
           k-step chain (the same per-step work; setup included): ours replayed from CUDA graphs in
           fp32 and bf16 (NCHW), and (unless --no-compile) compiled with CUDA graphs in bf16, against
