@@ -151,3 +151,22 @@ def test_prefetching_workers_do_not_change_the_data_order_or_the_resume_point(tm
     assert meta["data_sampler"] == {"epoch": 0, "position": 16}
     resumed = run(with_steps(cfg, 4), tmp_path / "split", resume="auto")
     assert_identical_state(straight["checkpoint"], resumed["checkpoint"])
+
+
+def test_runs_written_with_channels_last_false_resume_under_auto(tmp_path):
+    """A run started before train.channels_last became "auto" (its checkpoint says false) resumes
+    under the new default; the change is logged, and with DDPM_AUTOTUNE=0 (the tests' setting)
+    "auto" resolves to NCHW, so the resumed run equals an uninterrupted false one bit for bit; the
+    trainer logs the layout it resolved."""
+    cfg_false = tiny_config(channels_last=False)
+    straight = run(with_steps(cfg_false, 4), tmp_path / "straight")
+    run(with_steps(cfg_false, 2), tmp_path / "split")
+    msgs: list[str] = []
+    second = run(with_steps(tiny_config(), 4), tmp_path / "split", resume="auto", log=msgs)
+    assert second["step"] == 4
+    assert any("train.channels_last changes from False to 'auto'" in m for m in msgs), msgs
+    assert any("(fp32, NCHW)" in m for m in msgs), msgs
+    assert_identical_state(straight["checkpoint"], second["checkpoint"])
+    forced: list[str] = []
+    run(with_steps(tiny_config(channels_last=True), 5), tmp_path / "split", resume="auto", log=forced)
+    assert any("(fp32, NHWC)" in m for m in forced), forced
