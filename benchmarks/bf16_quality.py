@@ -20,7 +20,6 @@ The JSON result goes to --out (default bench_results/bf16_quality_<time>.json).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -28,6 +27,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import result_path, write_json  # noqa: E402
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
@@ -132,9 +135,8 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"bf16_quality: error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out or f"bench_results/bf16_quality_{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1) + "\n")
+    out = result_path(args.out, "bf16_quality")
+    write_json(out, res)
     _log(f"wrote {out}")
     return 0
 

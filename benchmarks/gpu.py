@@ -23,7 +23,6 @@ every timing, the ratios and the issue's targets) and prints a summary.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
@@ -34,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from report import result_path, write_json  # noqa: E402
 from timing import alternate  # noqa: E402
 
 # The targets on one H100 (paper: TPU v3-8, 21 steps/s and 17 s for 256 x 1000).
@@ -206,15 +206,12 @@ def main(argv=None) -> int:
     log(f"ddpm vs diffusers on {meta['device_name']} ({device}), torch {meta['torch']}, "
         f"diffusers {meta['diffusers']}")
     result: dict = {"meta": meta}
-    out = Path(args.out or f"bench_results/gpu_{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = result_path(args.out, "gpu")
 
     def save() -> None:
         # Written after each section: a run stopped by the time limit keeps what it measured.
         meta["wall_s"] = round(time.monotonic() - t0, 1)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        tmp.replace(out)
+        write_json(out, result)
 
     if args.only in (None, "train"):
         result["train"] = bench_train(args, device, cfg, deadline)

@@ -17,7 +17,6 @@ waits) and the ten kernels that take the most GPU time. Workloads (cifar10 U-Net
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -75,6 +74,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="JSON file (default bench_results/gpu_profile_<time>.json)")
     args = p.parse_args(argv)
     from gpu import _tiny
+    from report import result_path, write_json
     from workloads import (OursOptions, OursSampler, OursTrainStep, SampleOptions, TheirsSampler, TheirsTrainStep,
                            build_models, copy_model, fixed_batch)
 
@@ -120,9 +120,8 @@ def main(argv=None) -> int:
         print(f"{name}: wall {r['wall_s_per_call'] * 1e3:.1f} ms/call, GPU busy {r['gpu_busy_s_per_call'] * 1e3:.1f} "
               f"ms/call; top: " + "; ".join(f"{kk['name'][:40]} {kk['ms_per_call']:.1f}" for kk in r["top_kernels"][:5]),
               flush=True)
-    out = Path(args.out or f"bench_results/gpu_profile_{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out = result_path(args.out, "gpu_profile")
+    write_json(out, result)
     print(f"wrote {out}")
     return 0
 

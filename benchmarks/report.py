@@ -89,6 +89,20 @@ def table(rows: list[Row]) -> str:
     return "\n".join(out)
 
 
+def result_path(out: str | Path | None, stem: str) -> Path:
+    """``out``, or bench_results/<stem>_<time>.json; its folder is created."""
+    path = Path(out or f"bench_results/{stem}_{time.strftime('%Y%m%d-%H%M%S')}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """``obj`` as JSON at ``path``, written aside and renamed (a reader never sees half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    tmp.replace(path)
+
+
 def write(out_dir: str | Path, rows: list[Row], meta: dict[str, Any]) -> tuple[Path, Path]:
     """bench_results/bench_<time>.json and .md (the table); returns both paths."""
     out = Path(out_dir)

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from report import result_path, write_json  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -87,9 +90,8 @@ def main(argv=None) -> int:
         res["bpd_diff"] = {"mean": float(diff.mean()), "se": float(diff.std(ddof=1) / math.sqrt(len(diff)))}
         print(f"test bits/dim: direct {res['direct']['bpd']:.5f}, winograd {res['winograd']['bpd']:.5f}, "
               f"paired difference {diff.mean():+.2e} ± {res['bpd_diff']['se']:.1e}")
-    out = Path(args.out or f"bench_results/winograd_quality_{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
+    out = result_path(args.out, "winograd_quality")
+    write_json(out, res)
     print(f"wrote {out}")
     return 0
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm.cli import main
+from test_cli import run
 from ddpm.data import open_dataset
 from ddpm.datasets.prepared import PreparedDataset, labels_path, sidecar
 from ddpm.prepare import prepare
@@ -31,15 +31,6 @@ def make_class_folder(root: Path, n_per_class: int = 5, seed: int = 0) -> Path:
             (root / cls).mkdir(parents=True, exist_ok=True)
             im.save(root / cls / f"{k:02d}.png")
     return root
-
-
-def run(argv, capsys):
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def test_prepared_file_gives_exactly_the_folders_batches(tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ddpm.cli import main
+from test_cli import run
 from ddpm.plan import StepMeasure, loader_line
 from ddpm.sizes import config_for
 
@@ -27,15 +27,6 @@ def write_folder(root: Path, n: int, size: tuple[int, int], mode: str, seed: int
         shape = (h, w, 3) if mode == "RGB" else (h, w)
         Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(root / f"{k:03d}.png")
     return root
-
-
-def run(argv, capsys):
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def dry_config(out: str) -> dict:
