@@ -1,4 +1,4 @@
-"""The ``ddpm`` command line: ``train | sample | eval | convert | config | data``.
+"""The ``ddpm`` command line: ``train | sample | eval | convert | config | data | report``.
 
 Only this module parses arguments. Every handler validates its inputs before it writes
 anything; user mistakes raise :class:`ddpm.errors.UserError` and end as one line on stderr
@@ -286,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="1 (grey) or 3 (RGB) (default: 3 if any image is in a colour mode, else 1)")
     dp.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    from . import cmd_report
+
+    cmd_report.add_parser(sub, _FMT)
+
     g = sub.add_parser("config", help="list presets or print one", formatter_class=_FMT)
     gsub = g.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
     gsub.required = True
@@ -307,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         "convert": commands.cmd_convert,
         "config": commands.cmd_config,
         "data": commands.cmd_data,
+        "report": _report,
     }[args.command]
     try:
         handler(args)
@@ -317,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(f"ddpm {args.command}: interrupted\n")
         return 128 + getattr(e, "signum", 2)
     return 0
+
+
+def _report(args: argparse.Namespace) -> None:
+    from .cmd_report import run
+
+    run(args)
 
 
 def _one_line(msg: str) -> str:

@@ -31,15 +31,18 @@ from ..errors import DataError
 __all__ = ["MetricsLog", "read_metrics", "decimate", "smooth", "smoothing_weight"]
 
 
+BLOCK_BYTES = 8 << 20  # read and parse this much at a time: memory stays bounded for huge logs
+
+
 class MetricsLog:
     """The records of one metrics.jsonl, as columns.
 
     Attributes:
         path: the file.
-        columns: name -> list of float (NaN where a record lacks the key or has null), one entry
-            per record, in file order. ``columns["step"]`` is always present once a record is.
+        count: records read.
         torn: bytes of an incomplete last line (0 when the file ends with a newline).
         exists: whether the file exists.
+    Columns come from :meth:`array` (float64, NaN where a record lacks the key or holds null).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -47,7 +50,8 @@ class MetricsLog:
         self._reset()
 
     def _reset(self) -> None:
-        self.columns: dict[str, list[float]] = {}
+        self._blocks: list[tuple[int, dict[str, np.ndarray]]] = []  # (records, columns) per parsed block
+        self._cache: dict[str, np.ndarray] = {}
         self.count = 0
         self.torn = 0
         self.exists = False
@@ -57,6 +61,13 @@ class MetricsLog:
 
     def __len__(self) -> int:
         return self.count
+
+    @property
+    def names(self) -> list[str]:
+        out: dict[str, None] = {}
+        for _, cols in self._blocks:
+            out.update(dict.fromkeys(cols))
+        return list(out)
 
     def refresh(self) -> "MetricsLog":
         """Parse what was appended since the last call (all of it the first time)."""
@@ -70,42 +81,68 @@ class MetricsLog:
         self.exists, self._ino = True, st.st_ino
         with open(self.path, "rb") as f:
             f.seek(self._offset)
-            data = f.read()
-        end = data.rfind(b"\n") + 1  # complete lines only; 0 when none is
-        for raw in data[:end].split(b"\n")[:-1]:
-            self._line += 1
-            if raw.strip():
-                self._add(self._parse(raw))
-        self._offset += end
-        self.torn = len(data) - end if data[end:].strip() else 0
+            rest = b""
+            while True:
+                block = f.read(BLOCK_BYTES)
+                if not block:
+                    break
+                data = rest + block
+                end = data.rfind(b"\n") + 1  # complete lines only; 0 when none is
+                if end:
+                    self._add_block(data[:end])
+                    self._offset += end
+                rest = data[end:]
+        self.torn = len(rest) if rest.strip() else 0
         return self
 
-    def _parse(self, raw: bytes) -> dict[str, Any]:
+    def _add_block(self, chunk: bytes) -> None:
+        lines = chunk.split(b"\n")[:-1]
+        first = self._line
+        self._line += len(lines)
+        body = [ln for ln in lines if ln.strip()]
+        if not body:
+            return
+        try:  # one C-level parse of the whole block; per line only to name a bad one
+            recs = json.loads(b"[" + b",".join(body) + b"]")
+        except (ValueError, UnicodeDecodeError):
+            recs = None
+        if recs is None or not all(type(r) is dict and type(r.get("step")) is int for r in recs):
+            recs = [self._parse(ln, first + i + 1) for i, ln in enumerate(lines) if ln.strip()]
+        shapes = set(map(tuple, recs))  # key sequences; one in a log written by one trainer version
+        if len(shapes) == 1:  # fast path: one 2-D conversion instead of a pass per key
+            keys = next(iter(shapes))
+            try:
+                table = np.array([list(r.values()) for r in recs], dtype=np.float64)
+                cols = {k: table[:, i] for i, k in enumerate(keys)}
+            except (TypeError, ValueError):  # a text or list value somewhere: column by column
+                cols = {k: _column([r.get(k) for r in recs]) for k in keys}
+        else:
+            union: dict[str, None] = {}
+            for keys in shapes:
+                union.update(dict.fromkeys(keys))
+            cols = {k: _column([r.get(k) for r in recs]) for k in union}
+        self._blocks.append((len(recs), cols))
+        self.count += len(recs)
+        self._cache.clear()
+
+    def _parse(self, raw: bytes, line: int) -> dict[str, Any]:
         try:
             rec = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
-            raise DataError(f"{self.path}: line {self._line} is not JSON ({e}); expected one JSON object per "
+            raise DataError(f"{self.path}: line {line} is not JSON ({e}); expected one JSON object per "
                             f"line, as ddpm train writes") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
-            raise DataError(f"{self.path}: line {self._line} is not a metrics record; expected a JSON object with "
+        if not isinstance(rec, dict) or type(rec.get("step")) is not int:
+            raise DataError(f"{self.path}: line {line} is not a metrics record; expected a JSON object with "
                             f"an integer \"step\", as ddpm train writes")
         return rec
 
-    def _add(self, rec: dict[str, Any]) -> None:
-        for k, v in rec.items():
-            col = self.columns.get(k)
-            if col is None:
-                col = self.columns[k] = [math.nan] * self.count
-            col.append(float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan)
-        self.count += 1
-        for col in self.columns.values():
-            if len(col) < self.count:
-                col.append(math.nan)
-
     def array(self, name: str) -> np.ndarray:
         """float64 [count] of one column (all NaN when no record has it)."""
-        col = self.columns.get(name)
-        return np.full(self.count, np.nan) if col is None else np.asarray(col, dtype=np.float64)
+        a = self._cache.get(name)
+        if a is None:
+            parts = [cols.get(name, np.full(n, np.nan)) for n, cols in self._blocks]
+            a = self._cache[name] = np.concatenate(parts) if parts else np.zeros(0)
+        return a
 
     def has(self, name: str) -> bool:
         """Whether any record holds a finite value for ``name``."""
@@ -116,6 +153,14 @@ class MetricsLog:
         a = self.array(name)
         ok = np.flatnonzero(np.isfinite(a))
         return float(a[ok[-1]]) if ok.size else None
+
+
+def _column(values: list) -> np.ndarray:
+    """Numbers (and null) as float64 with NaN for null; anything else (text, lists) as NaN."""
+    try:
+        return np.array(values, dtype=np.float64)  # None -> NaN
+    except (TypeError, ValueError):
+        return np.array([float(v) if isinstance(v, (int, float)) else np.nan for v in values], dtype=np.float64)
 
 
 def read_metrics(path: str | os.PathLike) -> MetricsLog:
@@ -165,13 +210,22 @@ def smooth(y: Sequence[float], weight: float | None = None) -> np.ndarray:
     so the start is not pulled towards 0.
     """
     y = np.asarray(y, dtype=np.float64)
-    w = smoothing_weight(int(np.isfinite(y).sum())) if weight is None else float(weight)
+    ok = np.isfinite(y)
+    w = smoothing_weight(int(ok.sum())) if weight is None else float(weight)
     out = np.full_like(y, np.nan)
-    s, m = 0.0, 0
-    for i, v in enumerate(y):
-        if not math.isfinite(v):
-            continue
-        m += 1
-        s = w * s + (1.0 - w) * v
-        out[i] = s / (1.0 - w ** m) if w > 0 else v
+    v = y[ok]
+    if w <= 0 or v.size == 0:
+        out[ok] = v
+        return out
+    try:
+        from scipy.signal import lfilter  # scipy comes with scikit-learn, a core dependency
+
+        s = lfilter([1.0 - w], [1.0, -w], v)
+    except ImportError:  # pragma: no cover - the same recursion in Python
+        s = np.empty_like(v)
+        acc = 0.0
+        for i, x in enumerate(v):
+            acc = w * acc + (1.0 - w) * x
+            s[i] = acc
+    out[ok] = s / (1.0 - w ** np.arange(1, v.size + 1))
     return out
