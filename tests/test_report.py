@@ -489,3 +489,35 @@ def test_cli_serve_stops_on_ctrl_c_with_exit_130(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == 130 and err.strip() == "ddpm report: interrupted"
+
+
+def test_tensorboard_gets_the_sample_grids_and_the_quartile_losses(tmp_path):
+    """MetricsWriter mirrors to TensorBoard when installed; a stand-in SummaryWriter records the calls."""
+    from PIL import Image
+
+    from ddpm.training.observe import MetricsWriter
+
+    class FakeTB:
+        def __init__(self):
+            self.scalars, self.images = {}, []
+
+        def add_scalar(self, tag, value, step):
+            self.scalars[tag] = (value, step)
+
+        def add_image(self, tag, img, step, dataformats):
+            self.images.append((tag, np.asarray(img).copy(), step, dataformats))
+
+        def flush(self):
+            pass
+
+    w = MetricsWriter(tmp_path / "metrics.jsonl")
+    w._tb = FakeTB()
+    w.write(record(7))
+    assert w._tb.scalars["train/loss_q3"] == (0.125, 7) and w._tb.scalars["train/loss_q0"] == (1.0, 7)
+    grid = np.arange(6 * 10, dtype=np.uint8).reshape(6, 10)
+    Image.fromarray(grid).save(tmp_path / "g.png")
+    w.add_grid(tmp_path / "g.png", 7)
+    (tag, img, step, fmt), = w._tb.images
+    assert tag == "samples" and step == 7 and fmt == "HWC" and img.shape == (6, 10, 3)
+    assert np.array_equal(img[..., 0], grid) and np.array_equal(img[..., 2], grid)
+    MetricsWriter(tmp_path / "m2.jsonl").add_grid(tmp_path / "g.png", 1)  # no TensorBoard: nothing happens
