@@ -151,6 +151,20 @@ def test_smooth_is_the_debiased_ema():
     assert out[0] == pytest.approx(1.0) and math.isnan(out[1])
     assert out[2] == pytest.approx(7 / 3) and out[3] == pytest.approx(27 / 7)
     assert smooth(y, 0.0)[[0, 2, 3]].tolist() == [1.0, 3.0, 5.0]
+    # long series (the blocked closed form) against the recursion, point by point
+    rng = np.random.default_rng(1)
+    long = rng.normal(size=3000) + 5
+    long[rng.integers(0, 3000, 100)] = np.nan
+    for w in (0.5, 0.97, 1 - 1 / 2000):
+        s, m, ref = 0.0, 0, []
+        for v in long:
+            if np.isnan(v):
+                ref.append(np.nan)
+                continue
+            m += 1
+            s = w * s + (1 - w) * v
+            ref.append(s / (1 - w ** m))
+        np.testing.assert_allclose(smooth(long, w), ref, rtol=1e-12, atol=0)
 
 
 def test_ticks_are_round_and_cover_the_range():

@@ -217,15 +217,16 @@ def smooth(y: Sequence[float], weight: float | None = None) -> np.ndarray:
     if w <= 0 or v.size == 0:
         out[ok] = v
         return out
-    try:
-        from scipy.signal import lfilter  # scipy comes with scikit-learn, a core dependency
-
-        s = lfilter([1.0 - w], [1.0, -w], v)
-    except ImportError:  # pragma: no cover - the same recursion in Python
-        s = np.empty_like(v)
-        acc = 0.0
-        for i, x in enumerate(v):
-            acc = w * acc + (1.0 - w) * x
-            s[i] = acc
+    # The recursion in blocks of B points, each one closed form:
+    #   s_{k0+i} = w^(i+1) s_{k0-1} + (1 - w) w^i sum_{j<=i} w^(-j) y_{k0+j},
+    # with B no longer than the averaging window 1/(1 - w), so w^(-j) <= e keeps full precision.
+    B = int(min(max(1.0, 1.0 / (1.0 - w)), 1 << 16))
+    s = np.empty_like(v)
+    prev = 0.0
+    for k0 in range(0, v.size, B):
+        blk = v[k0:k0 + B]
+        i = np.arange(blk.size, dtype=np.float64)
+        s[k0:k0 + B] = w ** (i + 1) * prev + (1.0 - w) * w ** i * np.cumsum(w ** -i * blk)
+        prev = s[k0 + blk.size - 1]
     out[ok] = s / (1.0 - w ** np.arange(1, v.size + 1))
     return out
