@@ -171,6 +171,7 @@ def test_ticks_are_round_and_cover_the_range():
     assert nice_ticks(0, 1) == pytest.approx([0, 0.2, 0.4, 0.6, 0.8, 1.0])
     assert nice_ticks(0, 800_000) == pytest.approx([0, 200_000, 400_000, 600_000, 800_000])
     assert nice_ticks(1, 4, integer=True) == [1, 2, 3, 4]
+    assert nice_ticks(1, 12, integer=True) == [2, 4, 6, 8, 10, 12]  # never 2.5, 7.5 steps
     assert log_ticks(1e-3, 2.0) == pytest.approx([1e-3, 1e-2, 1e-1, 1.0])  # 4 decades: decades only
     assert log_ticks(0.05, 0.9) == pytest.approx([0.05, 0.1, 0.2, 0.5])
 

@@ -324,8 +324,9 @@ def build_html(runs: Sequence[RunData], *, version: str = "", serve_poll_s: floa
             f"<style>{CSS}</style>"]
     if refresh_s > 0 and live:
         head.append(f'<meta http-equiv="refresh" content="{int(refresh_s)}">')
-    status_line = runs[0].status.headline() if len(runs) == 1 else (
-        f"{sum(r.status.live for r in runs)} of {len(runs)} running")
+    states = [r.status.state for r in runs]
+    status_line = runs[0].status.headline() if len(runs) == 1 else ", ".join(
+        f"{states.count(s)} {s}" for s in dict.fromkeys(states))
     state = runs[0].status.state if len(runs) == 1 else ("running" if live else "stopped")
     sections = [("status", "Status", _status_section(runs, labels, now)),
                 ("training", "Training", _curves(runs, labels)),
