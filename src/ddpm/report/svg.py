@@ -52,8 +52,11 @@ def nice_ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> list[
     if integer:
         raw = max(raw, 1.0)
     mag = 10 ** math.floor(math.log10(raw))
-    mults = (1, 2, 5, 10) if integer else (1, 2, 2.5, 5, 10)  # 2.5 x 10^0 would give x.5 steps
-    step = next(m * mag for m in mults if m * mag >= raw)
+    mults = (1, 2, 5, 10, 20) if integer else (1, 2, 2.5, 5, 10, 20)  # 2.5 x 10^0 would give x.5 steps
+    for m in mults:  # the finest round step that gives at most n + 1 ticks
+        step = m * mag
+        if math.floor(hi / step + 1e-9) - math.ceil(lo / step - 1e-9) + 1 <= n + 1:
+            break
     first = math.ceil(lo / step - 1e-9) * step
     out, v = [], first
     while v <= hi + step * 1e-9:
