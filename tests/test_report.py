@@ -536,3 +536,23 @@ def test_tensorboard_gets_the_sample_grids_and_the_quartile_losses(tmp_path):
     assert tag == "samples" and step == 7 and fmt == "HWC" and img.shape == (6, 10, 3)
     assert np.array_equal(img[..., 0], grid) and np.array_equal(img[..., 2], grid)
     MetricsWriter(tmp_path / "m2.jsonl").add_grid(tmp_path / "g.png", 1)  # no TensorBoard: nothing happens
+
+
+def test_the_trainer_writes_its_page_at_the_end_and_report_every_0_turns_it_off(tmp_path, one_thread):
+    from ddpm.training import train
+
+    tiny = ["model.ch=32", "model.ch_mult=1,2", "model.num_res_blocks=1", "model.attn_resolutions=4",
+            "diffusion.num_timesteps=10", "train.batch_size=4", "train.warmup_steps=1", "train.log_every=1",
+            "train.sample_every=0", "train.save_every=2"]
+    run = tmp_path / "run"
+    said = []
+    train(apply_overrides(get_preset("digits"), tiny + ["train.total_steps=2"]), run, device="cpu", progress=False,
+          log=said.append)
+    page = (run / "report.html").read_text()
+    assert "finished at step 2 of 2" in page and 'data-live="0"' in page and 'http-equiv="refresh"' not in page
+    assert not [m for m in said if m.startswith("warning")]
+    # resuming with the page turned off (a resumable key): the old page stays as it was
+    train(apply_overrides(get_preset("digits"), tiny + ["train.total_steps=3", "train.report_every=0"]), run,
+          resume="auto", device="cpu", progress=False, log=said.append)
+    assert (run / "report.html").read_text() == page
+    assert read_run(run).status.headline().startswith("finished at step 3 of 3")
