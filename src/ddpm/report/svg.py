@@ -24,7 +24,7 @@ PALETTE = ("#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9", "#3
            "#999933")
 
 W, H = 400, 250                 # viewBox units
-LEFT, RIGHT, TOP, BOTTOM = 56, 12, 10, 38
+LEFT, RIGHT, TOP, BOTTOM = 56, 20, 10, 38
 
 
 @dataclass
@@ -76,15 +76,13 @@ def log_ticks(lo: float, hi: float) -> list[float]:
 
 
 def tick_label(v: float) -> str:
-    """Compact: 800000 -> "800k", 1.5e6 -> "1.5M", 0.00012 -> "1.2e-04", 0.25 -> "0.25"."""
+    """Compact: 800000 -> "800k", 1.5e6 -> "1.5M", 0.0005 -> "0.0005", 1.5e-05, 0.25 -> "0.25"."""
     a = abs(v)
     if a >= 1e6:
         return f"{v / 1e6:g}M"
     if a >= 1e4:
         return f"{v / 1e3:g}k"
-    if a == 0 or 1e-3 <= a:
-        return f"{v:.4g}"
-    return f"{v:.1e}"
+    return f"{v:.4g}"  # 0.0005, 1.5e-05: one style per axis
 
 
 class _Axis:
