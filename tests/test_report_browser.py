@@ -168,3 +168,29 @@ def test_served_live_page_reloads_when_the_run_changes(run, browser, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_page_of_800k_steps_loads_in_a_second(tmp_path, browser):
+    """800k steps logged every 100 (cifar10's cadence): the page's curves are thinned, so the
+    browser has a ~200 KB page to lay out, not 8,000-point paths per chart."""
+    from ddpm.report import read_run, write_report
+
+    run = tmp_path / "big"
+    run.mkdir()
+    (run / "config.json").write_text(get_preset("cifar10").to_json())
+    with open(run / "metrics.jsonl", "w") as f:
+        for step in range(100, 800_001, 100):
+            loss = 0.03 + 1.0 / (1 + step / 1000)
+            f.write(json.dumps({"step": step, "loss": loss, **{f"loss_q{k}": loss * (4 - k) for k in range(4)},
+                                "grad_norm": 0.5, "lr": 2e-4, "images_per_s": 400.0, "steps_per_s": 3.0,
+                                "skipped_nonfinite": 0, "time": 1.7e9 + step / 3, "elapsed_s": step / 3}) + "\n")
+    page = write_report([read_run(run)], tmp_path / "big.html")
+    assert page.stat().st_size < 400_000
+    since = len(browser.events)
+    browser.goto(page.as_uri())
+    ms = browser.eval("performance.getEntriesByType('navigation')[0].loadEventEnd")
+    print(f"800k-step page: {page.stat().st_size:,} bytes, load event after {ms:.0f} ms")
+    assert ms < 3000  # ~40-250 ms measured on a loaded 2-core machine
+    assert _errors_since(browser, since) == []
+    assert browser.eval("document.querySelectorAll('#training svg').length") >= 5
+    assert "no samples yet" in browser.eval("document.body.innerText")
