@@ -9,7 +9,7 @@
     static.py     the page's inline CSS and script
     server.py     ddpm report --serve: http.server on 127.0.0.1 with live reload
 
-No CLI code here (``ddpm report`` parses its options elsewhere), and no torch: a report of an
+No CLI code here (``ddpm report`` is ``ddpm.commands.report``), and no torch: a report of an
 800k-step run is written in well under a second.
 
     from ddpm.report import read_run, write_report

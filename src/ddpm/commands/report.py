@@ -1,14 +1,15 @@
 """``ddpm report``: a run folder (or several) as one HTML page, written or served live.
 
-``add_parser(sub, formatter)`` declares the subcommand, ``run(args)`` does it (the shape of the
-modules in ``ddpm.commands``). The page itself is :mod:`ddpm.report`'s business.
+``add_parser(sub)`` declares the subcommand, ``run(args)`` does it. The page itself is
+:mod:`ddpm.report`'s business.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from .errors import UserError
+from ..errors import UserError
+from .args import Formatter
 
 HELP = "an HTML page of a run (or runs side by side): status, curves, sample grids, evaluation results"
 DESCRIPTION = (
@@ -41,8 +42,8 @@ def _seconds(s: str) -> float:
     return v
 
 
-def add_parser(sub, formatter=argparse.HelpFormatter) -> argparse.ArgumentParser:
-    p = sub.add_parser("report", help=HELP, description=DESCRIPTION, formatter_class=formatter)
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("report", help=HELP, description=DESCRIPTION, formatter_class=Formatter)
     p.add_argument("runs", nargs="+", metavar="RUN", help="run folder(s): the --out of ddpm train")
     p.add_argument("--out", default=None, metavar="FILE.html",
                    help="page to write (default: RUN/report.html of the first RUN)")
@@ -70,11 +71,11 @@ def run(args: argparse.Namespace) -> None:
     if args.serve:
         if args.out is not None:
             raise UserError("--out and --serve: give one (--serve writes no file)")
-        from .report.server import serve
+        from ..report.server import serve
 
         serve(args.runs, port=args.port, results=args.results, poll_s=args.poll, log=lambda m: print(m, flush=True))
         return
-    from .report import report
+    from ..report import report
 
     path, runs = report(args.runs, args.out, args.results)
     import sys
