@@ -556,3 +556,11 @@ def test_the_trainer_writes_its_page_at_the_end_and_report_every_0_turns_it_off(
           resume="auto", device="cpu", progress=False, log=said.append)
     assert (run / "report.html").read_text() == page
     assert read_run(run).status.headline().startswith("finished at step 3 of 3")
+
+
+def test_cli_help_states_the_defaults(capsys):
+    rc, out, _ = cli(["report", "--help"], capsys)
+    assert rc == 0 and "usage: ddpm report" in out
+    assert "(default: 8000)" in out and "(default: 5.0)" in out and "RUN/report.html" in out
+    rc, out, _ = cli(["--help"], capsys)
+    assert rc == 0 and "report" in out
