@@ -19,7 +19,6 @@ visible), :func:`smooth` is the debiased exponential moving average TensorBoard 
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Sequence

@@ -319,7 +319,7 @@ def build_html(runs: Sequence[RunData], *, version: str = "", serve_poll_s: floa
     live = any(r.status.live for r in runs)
     title = runs[0].name if len(runs) == 1 else f"{len(runs)} runs: " + ", ".join(r.name for r in runs)
     when = datetime.datetime.fromtimestamp(now).astimezone().isoformat(timespec="seconds")
-    head = [f'<meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">',
+    head = ['<meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">',
             f"<title>ddpm report: {esc(title)}</title>", '<link rel="icon" href="data:,">',  # no favicon request
             f"<style>{CSS}</style>"]
     if refresh_s > 0 and live:
