@@ -23,7 +23,9 @@ from ddpm.config import apply_overrides, get_preset
 from ddpm.errors import ConfigError, DataError, UserError
 from ddpm.report import (MetricsLog, build_html, decimate, differing_keys, read_run, run_labels, smooth,
                          write_report)
+from ddpm.report.metrics import read_metrics
 from ddpm.report.results import classify, find_results
+from ddpm.report.runfolder import STALE_AFTER_S, RunReader, read_status
 from ddpm.report.server import ReportSource, fingerprint, make_server
 from ddpm.report.svg import Series, line_chart, log_ticks, nice_ticks
 
@@ -210,6 +212,15 @@ def test_status_finished_stopped_running_and_not_started(tmp_path):
     proc.wait()
     (dead / "train.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": proc.pid, "started": "x"}))
     assert read_run(dead).status.state == "stopped"
+    # a lock on another host: the age of the last record decides (records every 0.1 s here)
+    far = make_run(tmp_path / "far", total=100)
+    (far / "train.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "started": "x"}))
+    last = 1.7e9 + 3.0
+    assert RunReader(far).read().status.state == "stopped"  # its records are from 2023
+    cfg = json.loads((far / "config.json").read_text())
+    m = read_metrics(far / "metrics.jsonl")
+    assert read_status(far, cfg, m, now=last + 60).state == "running"
+    assert read_status(far, cfg, m, now=last + STALE_AFTER_S + 1).state == "stopped"
     # a folder with a config only
     new = tmp_path / "new"
     new.mkdir()

@@ -32,7 +32,7 @@ from .results import Result, find_results
 __all__ = ["RunData", "Status", "read_run", "flatten_config", "differing_keys", "RunReader"]
 
 LOCK_NAME = "train.lock"  # ddpm.training.lock.LOCK_NAME (not imported: the report must not pull in torch)
-STALE_AFTER_S = 900.0     # no lock information: a run whose last record is older than this is not live
+STALE_AFTER_S = 900.0     # lock on another host: live while the last record is younger than this (or 3 gaps)
 
 
 @dataclass
@@ -207,7 +207,10 @@ def read_status(root: Path, config: dict, m: MetricsLog, live: bool | None = Non
     if live is None:
         live, how = _lock_live(root)
         if live is None:  # another host: judge by the age of the last record
-            live = updated is not None and now - updated < STALE_AFTER_S
+            t = m.array("time")[-20:]
+            gaps = np.diff(t[np.isfinite(t)])
+            patience = max(STALE_AFTER_S, 3.0 * float(np.median(gaps))) if gaps.size else STALE_AFTER_S
+            live = updated is not None and now - updated < patience
             how += f"; last record {duration(now - updated)} ago" if updated is not None else "; no record yet"
     rate = _rate(m) if m.count else None
     if step is None and not live:
