@@ -61,7 +61,8 @@ class EMA:
         return self.module.state_dict()
 
 
-def foreach_lerp_tensor_(ema: list[torch.Tensor], params: list[torch.Tensor], weight: torch.Tensor) -> None:
+def foreach_lerp_tensor_(ema: list[torch.Tensor], params: list[torch.Tensor], weight: torch.Tensor,
+                         exact: bool | None = None) -> None:
     """ema <- ema + weight·(param - ema) for every pair, ``weight`` a 0-d tensor on their device.
 
     ``torch._foreach_lerp_`` takes a tensor weight only per tensor (a 0-d tensor passed as its
@@ -69,11 +70,12 @@ def foreach_lerp_tensor_(ema: list[torch.Tensor], params: list[torch.Tensor], we
     (a stride-0 view, no memory) is bit-identical to the scalar call. On other devices that form
     leaves the fused multi-tensor kernel for one kernel per tensor, so there it is three fused
     calls instead: d = param - ema; d *= weight; ema += d (within an ulp of lerp; with weight 0
-    exactly ema, since the weights of a skipped step are finite and unchanged).
+    exactly ema, since the weights of a skipped step are finite and unchanged). ``exact``: force
+    the per-tensor lerp (True) or the three fused calls (False); default by device.
     """
     if not ema:
         return
-    if ema[0].device.type == "cpu":
+    if exact if exact is not None else ema[0].device.type == "cpu":
         torch._foreach_lerp_(ema, params, [weight.expand_as(e) for e in ema])
         return
     d = torch._foreach_sub(params, ema)
