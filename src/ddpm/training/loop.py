@@ -228,11 +228,23 @@ class _Trainer:
         batches = BatchSource(ds, cfg.train.batch_size, cfg.train.seed, cfg.data.random_flip,
                               env.rank, env.world_size, cfg.train.num_workers, pin_memory=env.device.type == "cuda",
                               labels=labels)
+        self._data_on_device(batches, ds)
         self.log(f"data: {cfg.data.source}: {len(ds)} images; global batch {cfg.train.batch_size} = "
                  f"{env.world_size} process(es) × {local}"
                  + (f" ({cfg.train.grad_accum} micro-batches of {local // cfg.train.grad_accum})"
                     if cfg.train.grad_accum > 1 else ""))
         return batches
+
+    def _data_on_device(self, batches, ds) -> None:
+        """``train.data_on_device``: keep the uint8 training set on the device (auto: on CUDA when it fits)."""
+        from .batches import data_fits_on_device
+
+        cfg, dev = self.cfg, self.env.device
+        nbytes = len(ds) * cfg.model.resolution ** 2 * cfg.model.in_channels
+        setting = cfg.train.data_on_device
+        if setting is True or (setting == "auto" and data_fits_on_device(nbytes, dev)):
+            batches.put_on_device(dev)
+            self.log(f"data: the training set is kept on {dev} ({nbytes / 2 ** 20:.0f} MiB as uint8)")
 
     def _class_labels(self, ds):
         """A conditional run's labels (DataError if the data has none or one is out of range); the
@@ -419,6 +431,8 @@ class _Trainer:
         pageable memory would wait for the device)."""
         from ..images import to_model
 
+        from .batches import to_device_async
+
         dev = self.env.device
         images = to_device_async(batches.next(), dev)
         labels = batches.last_labels
@@ -468,12 +482,3 @@ class _Trainer:
             return
         self.log(f"step {step}: samples -> {path}")
 
-
-def to_device_async(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``x`` on ``device``; a CPU tensor bound for a GPU goes through pinned memory with
-    ``non_blocking=True``, so the host does not wait for the device's queue to drain."""
-    if x.device == device or device.type == "cpu":
-        return x.to(device)
-    if x.device.type == "cpu" and not x.is_pinned():
-        x = x.pin_memory()
-    return x.to(device, non_blocking=True)
