@@ -279,3 +279,40 @@ def test_trainer_with_data_on_device_is_bit_identical(tmp_path):
         assert any("kept on cpu" in m for m in msgs) == setting
     a, b = load_checkpoint(out[False]["checkpoint"])[0], load_checkpoint(out[True]["checkpoint"])[0]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------------- the captured step
+
+@pytest.mark.parametrize("variant", ["fp32", "conditional+accum"])
+def test_step_graph_bookkeeping_equals_train_step(variant):
+    """StepGraph without capture (the CPU stand-in for a replay): static buffers, per-step seeding
+    and the undone warm-up steps give exactly train_step's results and state."""
+    from ddpm.training.graphstep import StepGraph
+    from ddpm.training.step import train_step
+
+    cond = variant.startswith("conditional")
+    model = replace(MODEL, num_classes=3, dropout=0.1) if cond else replace(MODEL, dropout=0.1)
+    cfg = tiny_config(model, grad_accum=2 if variant.endswith("accum") else 1)
+    eager, graphed = make_parts(cfg), make_parts(cfg)
+    graph = StepGraph(graphed, warmup=2, capture=False)
+    for k in range(4):
+        torch.manual_seed(50 + k) if k == 0 else None  # dropout: the same global stream for both
+        state = torch.get_rng_state()
+        a = train_step(eager, batch(k, labels=cond), step=k)
+        after_eager = torch.get_rng_state()
+        torch.set_rng_state(state)
+        b = graph(batch(k, labels=cond), step=k)
+        assert torch.equal(torch.get_rng_state(), after_eager)  # warm-up left the dropout stream alone
+        assert torch.equal(a.record(), b.record()), k
+    sa, sb = _state(eager), _state(graphed)
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_step_graph_refuses_what_it_cannot_capture():
+    from ddpm.errors import ConfigError
+    from ddpm.training.graphstep import StepGraph
+
+    with pytest.raises(ConfigError, match="train.cuda_graph.*CUDA device.*fused Adam"):
+        StepGraph(make_parts(tiny_config()))
+    with pytest.raises(ConfigError, match="t_sampler=uniform"):
+        StepGraph(make_parts(tiny_config(t_sampler="importance")), capture=False)

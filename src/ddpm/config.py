@@ -126,6 +126,9 @@ class TrainConfig:
     t_sampler: str = "uniform"
     precision: str = "auto"
     compile: bool = False
+    # CUDA: capture the whole step (forward, backward, clipping, Adam, EMA) once in a CUDA graph
+    # and replay it (ddpm.training.graphstep); one process, uniform t, bf16/fp32
+    cuda_graph: bool = False
     # NHWC weights and activations: "auto" (default) times both layouts once per machine on the
     # CPU (ddpm.fast.train_channels_last); on CUDA NHWC only with compile. true/false force it.
     channels_last: bool | str = "auto"

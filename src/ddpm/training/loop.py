@@ -215,6 +215,11 @@ class _Trainer:
         if tc.compile:
             parts.train_model = torch.compile(parts.train_model)
         parts.model.train()
+        self.graph = None
+        if tc.cuda_graph:
+            from .graphstep import StepGraph
+
+            self.graph = StepGraph(parts)  # captured at its first call (after a few undone warm-up steps)
 
     def _open_data(self):
         from ..data import open_dataset
@@ -377,7 +382,10 @@ class _Trainer:
             stopped_by = self._poll(last_save)[0] if counters.step < tc.total_steps else 0
             while counters.step < tc.total_steps and not stopped_by:
                 x0, kwargs = self._next_batch(batches)
-                result = train_step(parts, Batch(x0, kwargs), counters.step)
+                if self.graph is not None:
+                    result = self.graph(Batch(x0, kwargs), counters.step)
+                else:
+                    result = train_step(parts, Batch(x0, kwargs), counters.step)
                 counters.step += 1
                 pending.append((counters.step, result.lr, result.record()))
                 window.tick(tc.batch_size)

@@ -30,6 +30,8 @@ RESUMABLE_FIELDS = frozenset({
     "train.save_every", "train.save_every_minutes", "train.keep_last", "train.num_workers",
     # where the images are gathered changes no byte of any batch
     "train.data_on_device",
+    # a replayed graph runs the very kernels of the eager step
+    "train.cuda_graph",
     # activation checkpointing recomputes bit-identically: on or off, the run continues exactly
     "model.checkpointing",
     # the memory layout changes only the rounding of the same arithmetic (runs written before

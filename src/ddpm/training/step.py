@@ -157,9 +157,16 @@ def draw_t_and_noise(cfg: Config, t_sampler, step: int, device: torch.device, rn
     On the CPU these are the draws of earlier versions bit for bit (the same generators on the
     same device); on a GPU t now comes from a CUDA generator (earlier: a CPU one, copied over).
     """
-    tc = cfg.train
     rng = rng or StepGenerators(device)
-    rng.seed(tc.seed, step)
+    rng.seed(cfg.train.seed, step)
+    return _draw(cfg, t_sampler, device, rng)
+
+
+def _draw(cfg: Config, t_sampler, device: torch.device, rng: StepGenerators
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`draw_t_and_noise` from generators seeded already (a captured step re-seeds them
+    before each replay; the graph only draws)."""
+    tc = cfg.train
     on_device = getattr(t_sampler, "on_device", False)
     t, w = t_sampler.sample(tc.batch_size, rng.t if on_device else rng.t_cpu)
     shape = (tc.batch_size, cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
@@ -197,16 +204,38 @@ def train_step(parts: TrainParts, batch: Batch, step: int) -> StepResult:
     Collective under torchrun: every rank calls it with the same ``step``. Nothing here reads a
     device value on the host (with uniform t).
     """
+    lr = begin_step(parts, step)
+    finite, stats, norm, t_all, local_losses = step_body(parts, batch)
+    if parts.cfg.train.t_sampler == "importance" and bool(finite):  # a host read: its history is on the CPU
+        losses_all = D.all_gather_tensor(torch.cat(local_losses)).cpu()
+        parts.t_sampler.update(t_all.cpu(), losses_all)
+    return StepResult(finite, stats, norm, lr)
+
+
+def begin_step(parts: TrainParts, step: int) -> float:
+    """The host's share of step ``step``: set the warmed-up LR, seed the step's generators.
+    Returns the LR."""
+    tc = parts.cfg.train
+    lr = warmup_lr(step, tc.lr, tc.warmup_steps)
+    set_lr(parts.optimizer, lr)
+    parts.rng.seed(tc.seed, step)
+    return lr
+
+
+def step_body(parts: TrainParts, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                        list[torch.Tensor]]:
+    """The device's share of a step (after :func:`begin_step`): draws, forward and backward per
+    micro-batch, clipping, the guarded Adam update and the EMA; only device work, so it can be
+    captured in a CUDA graph (:mod:`.graphstep`). Returns (finite bool [], stats float64 [10],
+    norm float32 [], t of the global batch int64 [B], per-micro-batch losses)."""
     cfg, tc, dev, prec = parts.cfg, parts.cfg.train, parts.device, parts.precision
     A = tc.grad_accum
     local = batch.x0.shape[0]
     m = local // A
-    lr = warmup_lr(step, tc.lr, tc.warmup_steps)
-    set_lr(parts.optimizer, lr)
-    t_all, w_all, noise_all = draw_t_and_noise(cfg, parts.t_sampler, step, dev, parts.rng)
+    t_all, w_all, noise_all = _draw(cfg, parts.t_sampler, dev, parts.rng)
     lo, hi = parts.rank * local, (parts.rank + 1) * local
     t, w, noise = t_all[lo:hi], w_all[lo:hi], noise_all[lo:hi]
-    batch = drop_batch_labels(cfg, batch, step, lo, parts.rng.label)
+    batch = drop_batch_labels(cfg, batch, 0, lo, parts.rng.label)
     x0 = batch.x0
     if parts.channels_last:
         x0 = x0.contiguous(memory_format=torch.channels_last)
@@ -241,7 +270,4 @@ def train_step(parts: TrainParts, batch: Batch, step: int) -> StepResult:
     if prec.scaler is not None:
         prec.scaler.update()  # lowers the scale after an overflow (its found_inf from unscale_)
     parts.ema.update(parts.model, finite)
-    if tc.t_sampler == "importance" and bool(finite):  # a host read: its history lives on the CPU
-        losses_all = D.all_gather_tensor(torch.cat(local_losses)).cpu()
-        parts.t_sampler.update(t_all.cpu(), losses_all)
-    return StepResult(finite, stats, norm.detach(), lr)
+    return finite, stats, norm.detach(), t_all, local_losses
