@@ -316,3 +316,52 @@ def test_step_graph_refuses_what_it_cannot_capture():
         StepGraph(make_parts(tiny_config()))
     with pytest.raises(ConfigError, match="t_sampler=uniform"):
         StepGraph(make_parts(tiny_config(t_sampler="importance")), capture=False)
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_eager_within_the_rounding_bound():
+    """train.compile (inductor, CPU) against eager, one step from the same state.
+
+    Bounds from the arithmetic: a float32 dot product of length K has a relative error of at
+    most K·u (u = 2^-24); along the network's longest path of D reductions the output's relative
+    error is at most D·K·u, and so are the loss's and the gradients' (relative to their scale,
+    the global gradient norm after clipping).
+    One Adam step from zero moments moves each weight by -lr·g/(|g|+eps); that function of g has
+    slope at most 1/eps and range 2, so the exact updates differ by at most lr·min(2, |g-g'|/eps).
+    Each side computes its update with about eight roundings (moments, bias corrections, square
+    root, eps, division, lr), so add 8u of each update, and half an ulp of the weight per side for
+    the final subtraction; the EMA (decay 0.9) moves by a tenth of the weights' change (plus its
+    own final rounding)."""
+    from ddpm.training.step import train_step
+
+    model = replace(MODEL, ch_mult=(1,), attn_resolutions=())  # small: inductor compiles slowly on 2 cores
+    cfg = tiny_config(model, warmup_steps=0)
+    eager, comp = make_parts(cfg), make_parts(cfg)
+    start = [p.detach().clone() for p in eager.params]
+    comp.train_model = torch.compile(comp.model)
+    a = train_step(eager, batch(0), step=0)
+    b = train_step(comp, batch(0), step=0)
+    u = 2.0 ** -24
+    K = 3 * 3 * model.ch * max(model.ch_mult)  # the longest reduction: a 3x3 conv at the widest level
+    D = 2 * (len(model.ch_mult) * (model.num_res_blocks + 1) * 2 + 4)  # convs on the path, forward and backward
+    rel = D * K * u
+    assert bool(a.finite) and bool(b.finite)
+    torch.testing.assert_close(b.stats, a.stats, rtol=rel, atol=0)
+    torch.testing.assert_close(b.norm, a.norm, rtol=rel, atol=0)
+    lr, eps = cfg.train.lr, cfg.train.adam_eps
+    scale = min(float(a.norm), cfg.train.grad_clip)
+    for p0, pe, pc, ee, ec in zip(start, eager.params, comp.params, eager.ema.module.parameters(),
+                                  comp.ema.module.parameters()):
+        ge, gc = pe.grad, pc.grad
+        # rounding scales with the terms summed, not with the result (a bias before a GroupNorm
+        # has a gradient of exactly 0 made of cancelling terms): the scale is the clipped global norm
+        assert bool(((gc - ge).abs() <= rel * scale).all())
+        with torch.no_grad():
+            # each side rounds its update (8u of it) and its subtraction (half an ulp, u·|p|)
+            rounding = 8 * u * ((pe - p0).abs() + (pc - p0).abs()) + 2 * u * torch.maximum(pe.abs(), pc.abs())
+            allowed = lr * torch.clamp((gc - ge).abs() / eps, max=2.0) + rounding
+            assert bool(((pc - pe).abs() <= allowed).all())
+            assert bool(((ec - ee).abs() <= 0.1 * allowed + 2 * u * torch.maximum(ee.abs(), ec.abs())).all())
+    # the bound is not vacuous: the weights moved by up to lr and agree far closer than that
+    moved = torch.cat([(pe.detach() - pc.detach()).abs().flatten() for pe, pc in zip(eager.params, comp.params)])
+    assert float(moved.median()) < 1e-3 * lr
