@@ -20,8 +20,9 @@ section, so a run stopped by the time limit keeps what it measured):
           in bf16, against diffusers' DDPMPipeline loop in fp32 and with the model in bf16.
 * big     (gpu_step.py) the 256x256 preset (celebahq256): steps/s at batch 64 and the time for
           128 samples (extrapolated), beside the paper's TPU v3-8 figures (2.2 steps/s, 300 s).
-* profile (gpu_step.py) torch.profiler over the compiled step, launched eagerly and replayed:
-          wall vs GPU-busy time per step and the top kernels.
+* profile (gpu_step.py) torch.profiler over the compiled step, launched eagerly and replayed,
+          and over eager fp32 sampling, ours and diffusers': wall vs GPU-busy time per call and
+          the top kernels.
 
 Every implementation is timed in the same process in rotating order after warm-up (compilation
 shows in the warm-up times, reported separately); medians are reported. cuDNN autotuning
@@ -284,7 +285,19 @@ def main(argv=None) -> int:
                             "ours_bf16_fused_graph") if k in fns]
         if not args.compile:
             keep = keep[-2:]
-        return profile_steps({k: _Repeat(fns[k], args.profile_steps) for k in keep[:2]}, device, calls=2)
+        work = {k: _Repeat(fns[k], args.profile_steps) for k in keep[:2]}
+        # eager fp32 sampling beside diffusers' (issue 21: no slower than diffusers; 1.2x slower before)
+        from workloads import OursSampler, SampleOptions, TheirsSampler, build_models
+
+        from ddpm.diffusion import GaussianDiffusion
+
+        ours, theirs = build_models(cfg, device)
+        d = GaussianDiffusion.from_config(cfg.diffusion)
+        shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
+        B, k = args.sample_batch, args.profile_steps
+        work["sample_ours_fp32_eager"] = OursSampler(ours, d, shape, B, k, device, SampleOptions(channels_last=False))
+        work["sample_diffusers_fp32"] = TheirsSampler(theirs, shape, B, k, device, d.num_timesteps)
+        return profile_steps(work, device, calls=2)
 
     big_cfg = get_preset("celebahq256")
     if args.dry_run:
