@@ -350,9 +350,11 @@ def summary_lines(result: dict) -> list[str]:
             tv, sv = r["train"]["variants"], r["sample"]["variants"]
             key = f"seconds_{r['sample']['batch']}x{r['sample']['num_timesteps']}"
             lines.append(f"256x256 ({r['preset']}): training B={r['train']['batch']} "
-                         + ", ".join(f"{k} {x['steps_per_s']:.2f} steps/s ({x['peak_memory_gib']} GiB)" for k, x in tv.items())
+                         + ", ".join(f"{k} " + (f"{x['steps_per_s']:.2f} steps/s ({x['peak_memory_gib']} GiB)"
+                                                 if "error" not in x else x["error"]) for k, x in tv.items())
                          + f"; {r['sample']['batch']} samples (extrapolated) "
-                         + ", ".join(f"{k} {x[key]:.1f} s" for k, x in sv.items())
+                         + ", ".join(f"{k} " + (f"{x[key]:.1f} s" if "error" not in x else x["error"])
+                                     for k, x in sv.items())
                          + f" (paper TPU: {r['paper_tpu_v3_8']['train_steps_per_s_batch64']} steps/s, "
                            f"{r['paper_tpu_v3_8']['sample_128_s']:.0f} s)")
         elif name == "profile":

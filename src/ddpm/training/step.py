@@ -111,9 +111,13 @@ class StepGenerators:
         self.t_cpu = torch.Generator(device="cpu")  # for a t sampler that draws on the host
 
     def seed(self, seed: int, step: int) -> None:
-        for g, stream in ((self.t, T_STREAM), (self.t_cpu, T_STREAM), (self.noise, NOISE_STREAM),
-                          (self.label, LABEL_STREAM)):
-            g.manual_seed(stream_seed(seed, step, stream))
+        """Seed every generator for step ``step`` (host work only: a GPU generator's seed is read
+        by the kernels that draw, or by a CUDA graph at replay)."""
+        t_seed = stream_seed(seed, step, T_STREAM)
+        self.t.manual_seed(t_seed)
+        self.t_cpu.manual_seed(t_seed)
+        self.noise.manual_seed(stream_seed(seed, step, NOISE_STREAM))
+        self.label.manual_seed(stream_seed(seed, step, LABEL_STREAM))
 
 
 @dataclass
