@@ -93,6 +93,9 @@ class StepGraph:
         parts = self.parts
         self.static = Batch(batch.x0.clone(), {k: v.clone() for k, v in batch.model_kwargs.items()})
         self.lr = torch.zeros((), dtype=torch.float32, device=parts.device)
+        # autocast's weight-cast cache cannot live across a capture; warm-up runs the same way, so
+        # torch.compile's guards (which see the autocast state) do not recompile during capture
+        parts.precision = dataclasses.replace(parts.precision, cache_enabled=False)
         saved = _snapshot(parts)
         side = torch.cuda.Stream() if self.capture else None
         if side is not None:
@@ -116,14 +119,12 @@ class StepGraph:
         graph = torch.cuda.CUDAGraph()
         for gen in (parts.rng.t, parts.rng.noise, parts.rng.label):
             graph.register_generator_state(gen)
-        precision = parts.precision
-        parts.precision = dataclasses.replace(precision, cache_enabled=False)  # autocast under capture
         parts.optimizer.zero_grad(set_to_none=True)
         try:
-            with torch.cuda.graph(graph):
+            # thread_local: a DataLoader's pin-memory thread may allocate while this thread captures
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.out = step_body(parts, self.static)[:3]
         finally:
-            parts.precision = precision
             for g in groups:
                 g["lr"] = lr  # a float again for checkpoints (the graph keeps the tensor)
         self.graph = graph
