@@ -294,7 +294,7 @@ def main(argv=None) -> int:
         ours, theirs = build_models(cfg, device)
         d = GaussianDiffusion.from_config(cfg.diffusion)
         shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
-        B, k = args.sample_batch, args.profile_steps
+        B, k = args.sample_batch, max(2, args.profile_steps)  # a chain needs >= 2 steps
         work["sample_ours_fp32_eager"] = OursSampler(ours, d, shape, B, k, device, SampleOptions(channels_last=False))
         work["sample_diffusers_fp32"] = TheirsSampler(theirs, shape, B, k, device, d.num_timesteps)
         return profile_steps(work, device, calls=2)
