@@ -390,14 +390,9 @@ class _Trainer:
                 pending.append((counters.step, result.lr, result.record()))
                 window.tick(tc.batch_size)
                 self.bar.update()
-                stopped_by, time_due = self._poll(last_save)
-                save = bool(stopped_by or time_due or counters.step == tc.total_steps
-                            or (tc.save_every and counters.step % tc.save_every == 0))
                 log_now = bool(tc.log_every and counters.step % tc.log_every == 0)
-                if save or log_now or len(pending) >= MAX_PENDING:
-                    with host_reads("window"):
-                        self._account(pending, counters, window, shown, last_ckpt)
-                    pending.clear()
+                if log_now or len(pending) >= MAX_PENDING:
+                    self._flush(pending, counters, window, shown, last_ckpt)
                 if log_now:
                     rec = window.record(counters.step, result.lr, counters.skipped, time.perf_counter() - t_start)
                     shown["last"] = rec["loss"]
@@ -407,7 +402,10 @@ class _Trainer:
                 if tc.sample_every and counters.step % tc.sample_every == 0 and env.is_main:
                     with host_reads("samples"):
                         self._sample_grid(parts, counters.step)
-                if save:
+                stopped_by, time_due = self._poll(last_save)  # after sampling: a signal during it stops here
+                if (stopped_by or time_due or counters.step == tc.total_steps
+                        or (tc.save_every and counters.step % tc.save_every == 0)):
+                    self._flush(pending, counters, window, shown, last_ckpt)  # counters first, then save
                     if saved_step != counters.step:
                         with host_reads("checkpoint"):
                             last_ckpt, saved_step = self._save(parts, batches, counters), counters.step
@@ -446,6 +444,14 @@ class _Trainer:
         labels = batches.last_labels
         kwargs = {} if labels is None else {"y": to_device_async(labels, dev)}
         return to_model(images), kwargs
+
+    def _flush(self, pending: list, counters: layout.Counters, window: Window, shown: dict,
+               last_ckpt: str | None) -> None:
+        """Read the pending step records (the loop's one host read per window) and book them."""
+        if pending:
+            with host_reads("window"):
+                self._account(pending, counters, window, shown, last_ckpt)
+            pending.clear()
 
     def _account(self, pending: list[tuple[int, float, torch.Tensor]], counters: layout.Counters, window: Window,
                  shown: dict, last_ckpt: str | None) -> None:
