@@ -37,7 +37,7 @@ def tiny_config(model: ModelConfig = MODEL, **train) -> Config:
                   data=DataConfig(source="digits", random_flip=True), train=replace(base, **train))
 
 
-def make_parts(cfg: Config, fused: bool = False, seed: int = 0):
+def make_parts(cfg: Config, fused: bool = False, seed: int = 0, device: str = "cpu"):
     from ddpm.diffusion import GaussianDiffusion
     from ddpm.nets.unet import UNet
     from ddpm.training.precision import resolve_precision
@@ -45,8 +45,8 @@ def make_parts(cfg: Config, fused: bool = False, seed: int = 0):
     from ddpm.training.tsampler import make_t_sampler
 
     torch.manual_seed(seed)
-    dev = torch.device("cpu")
-    model = UNet.from_config(cfg.model, cfg.out_channels).train()
+    dev = torch.device(device)
+    model = UNet.from_config(cfg.model, cfg.out_channels).train().to(dev)
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
     kw = dict(lr=0.0, betas=(cfg.train.adam_beta1, cfg.train.adam_beta2), eps=cfg.train.adam_eps)
     opt = torch.optim.Adam(model.parameters(), **kw, **({"fused": True} if fused else {"foreach": True}))
@@ -365,3 +365,40 @@ def test_compiled_step_equals_eager_within_the_rounding_bound():
     # the bound is not vacuous: the weights moved by up to lr and agree far closer than that
     moved = torch.cat([(pe.detach() - pc.detach()).abs().flatten() for pe, pc in zip(eager.params, comp.params)])
     assert float(moved.median()) < 1e-3 * lr
+
+
+# ---------------------------------------------------------------------------------------------- CUDA
+gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@pytest.mark.gpu
+@gpu
+def test_cuda_step_makes_no_host_sync_and_the_graph_replays_it():
+    """On CUDA: steps under set_sync_debug_mode("error"); the captured step's replays equal the
+    eager steps from the same state and dropout stream (bit for bit: the same kernels)."""
+    from ddpm.training.graphstep import StepGraph
+    from ddpm.training.step import Batch, train_step
+
+    cfg = tiny_config(replace(MODEL, dropout=0.1), precision="bf16")
+    eager, graphed = make_parts(cfg, fused=True, device="cuda"), make_parts(cfg, fused=True, device="cuda")
+    graph = StepGraph(graphed, warmup=2)
+
+    def cuda_batch(k):
+        b = batch(k)
+        return Batch(b.x0.cuda())
+
+    train_step(eager, cuda_batch(0), step=0)  # lazy initialisation outside the check
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for k in range(1, 3):
+            train_step(eager, cuda_batch(k), step=k)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    eager2 = make_parts(cfg, fused=True, device="cuda")
+    torch.cuda.manual_seed(7)
+    a = [train_step(eager2, cuda_batch(k), step=k).record() for k in range(3)]
+    torch.cuda.manual_seed(7)
+    b = [graph(cuda_batch(k), step=k).record() for k in range(3)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    sa, sb = _state(eager2), _state(graphed)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
