@@ -5,7 +5,8 @@
 
 Measures, on the cifar10 preset's U-Net (35.7M parameters), against diffusers on the same weights
 (workloads.py says exactly what each side does), in this order (the JSON is written after each
-section, so a run stopped by the time limit keeps what it measured):
+section, so a run stopped by the time limit keeps what it measured; past --budget-s the profile,
+the 256x256 section and the compiled sampling variant are skipped):
 
 * checks  (gpu_step.py) the captured step against the eager one (max differences, bit-identical?,
           within the derived bound?) and the trainer's data path + step under
@@ -14,15 +15,15 @@ section, so a run stopped by the time limit keeps what it measured):
           (the step without host round trips), eager (NCHW), replayed from one CUDA graph of the
           whole step, and (unless --no-compile) ``torch.compile``-d (channels_last) without and
           with the step graph, against diffusers' example loop in bf16 autocast and in fp32.
+* profile (gpu_step.py) torch.profiler over the compiled step, launched eagerly and replayed,
+          and over eager fp32 sampling, ours and diffusers': wall vs GPU-busy time per call and
+          the top kernels.
+* big     (gpu_step.py) the 256x256 preset (celebahq256): steps/s at batch 64 and the time for
+          128 samples (extrapolated), beside the paper's TPU v3-8 figures (2.2 steps/s, 300 s).
 * sample  seconds for 256 samples x 1000 ancestral steps, extrapolated from k timed steps of a
           k-step chain (the same per-step work; setup included): ours eager and replayed from
           CUDA graphs in fp32 and bf16 (NCHW), and (unless --no-compile) compiled with CUDA graphs
           in bf16, against diffusers' DDPMPipeline loop in fp32 and with the model in bf16.
-* big     (gpu_step.py) the 256x256 preset (celebahq256): steps/s at batch 64 and the time for
-          128 samples (extrapolated), beside the paper's TPU v3-8 figures (2.2 steps/s, 300 s).
-* profile (gpu_step.py) torch.profiler over the compiled step, launched eagerly and replayed,
-          and over eager fp32 sampling, ours and diffusers': wall vs GPU-busy time per call and
-          the top kernels.
 
 Every implementation is timed in the same process in rotating order after warm-up (compilation
 shows in the warm-up times, reported separately); medians are reported. cuDNN autotuning
@@ -190,7 +191,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=20, help="training steps per timed call")
     p.add_argument("--sample-batch", type=int, default=256)
     p.add_argument("--sample-steps", type=int, default=50, help="reverse steps timed per call (extrapolated to 1000)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--check-batch", type=int, default=32, help="batch of the correctness checks")
     p.add_argument("--check-steps", type=int, default=3, help="steps of the correctness checks")
     p.add_argument("--big-batch", type=int, default=64, help="256x256 training batch")
@@ -307,10 +308,10 @@ def main(argv=None) -> int:
                            "no_host_sync": check_no_host_sync(cfg, device, args.check_batch, args.check_steps + 2)})
     run("train", train)
     run("profile", profile)
-    if "train" in sections:
-        fns.clear()  # free the training variants' memory before sampling
-    run("sample", lambda: bench_sample(args, device, cfg, deadline))
+    fns.clear()  # free the training variants' memory before the 256x256 network
+    # the 256x256 figures were never measured; sampling's were (only its eager variants are new)
     run("big", lambda: bench_256(args, device, big_cfg, timer))
+    run("sample", lambda: bench_sample(args, device, cfg, deadline))
     log("")
     for line in summary_lines(result):
         log(line)
