@@ -249,7 +249,7 @@ class _Trainer:
         setting = cfg.train.data_on_device
         if setting is True or (setting == "auto" and data_fits_on_device(nbytes, dev)):
             batches.put_on_device(dev)
-            self.log(f"data: the training set is kept on {dev} ({nbytes / 2 ** 20:.0f} MiB as uint8)")
+            self.log(f"data: the training set is kept on {dev} ({nbytes / 2 ** 20:.1f} MiB as uint8)")
 
     def _class_labels(self, ds):
         """A conditional run's labels (DataError if the data has none or one is out of range); the
