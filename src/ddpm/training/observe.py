@@ -110,7 +110,8 @@ def batch_stats(losses: torch.Tensor, t: torch.Tensor, num_timesteps: int) -> to
     q_sum = torch.zeros(N_QUARTILES, dtype=torch.float64, device=losses.device).index_add_(0, q, losses)
     q_cnt = torch.zeros(N_QUARTILES, dtype=torch.float64, device=losses.device).index_add_(
         0, q, torch.ones_like(losses))
-    head = torch.stack([losses.sum(), torch.tensor(float(losses.numel()), dtype=torch.float64, device=losses.device)])
+    # the count by a fill kernel, not a host-to-device copy (capturable in a CUDA graph)
+    head = torch.stack([losses.sum(), losses.new_full((), float(losses.numel()))])
     return torch.cat([head, q_sum, q_cnt])
 
 

@@ -29,6 +29,10 @@ RESUMABLE_FIELDS = frozenset({
     "train.total_steps", "train.log_every", "train.sample_every", "train.sample_n", "train.sample_seed",
     "train.save_every", "train.save_every_minutes", "train.keep_last", "train.num_workers",
     "train.report_every",
+    # where the images are gathered changes no byte of any batch
+    "train.data_on_device",
+    # a replayed graph runs the very kernels of the eager step
+    "train.cuda_graph",
     # activation checkpointing recomputes bit-identically: on or off, the run continues exactly
     "model.checkpointing",
     # the memory layout changes only the rounding of the same arithmetic (runs written before
