@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "Winograd for >= 128 channels); winograd = always for >= 128 channels (rounding a few "
                         "times the direct one's); direct = oneDNN")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    from .chunks import add_resume_args
+
+    add_resume_args(s)
 
     e = sub.add_parser("eval", help="bits/dim, rate-distortion, FID/IS/KID, digits quality", formatter_class=_FMT)
     esub = e.add_subparsers(dest="what", metavar="WHAT", parser_class=_Parser)

@@ -104,8 +104,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_sample(args: argparse.Namespace) -> None:
     from .api import load
-    from .images import grid_scale, save_grid, to_uint8
-    from .sampling import sample
+    from .images import grid_scale, save_grid
     from .speed import Speed
 
     out = _check_suffix(args.out, ".npz", "--out")
@@ -153,11 +152,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
         if args.sampler in ("ancestral", "ddim"):
             raise UserError(f"--order applies to the solvers (unipc: 2 or 3), not --sampler {args.sampler}")
         var_options = {**(var_options or {}), "order": args.order}
-    x = sample(diffusion, model, shape, seeds, batch_size=args.batch_size, sampler=args.sampler,
-               steps=args.steps, eta=args.eta, model_kwargs=model_kwargs, guidance=guidance,
-               sampler_options=var_options, spacing=getattr(args, "spacing", "trailing"),
-               clip_denoised=getattr(args, "clip", "on") == "on", **common)
-    images = to_uint8(x)
+    from .chunks import command_identity, finish, run_chunked, sampling_chunks
+
+    # finished chunks kept in OUT.parts/: the same command continues after a kill (ddpm.chunks)
+    make = sampling_chunks(diffusion, model, shape, args.seed, labels=labels, model_kwargs=model_kwargs,
+                           sampler=args.sampler, steps=args.steps, eta=args.eta, guidance=guidance,
+                           sampler_options=var_options, spacing=getattr(args, "spacing", "trailing"),
+                           clip_denoised=getattr(args, "clip", "on") == "on", **{**common, "progress": False})
+    images = run_chunked(out, command_identity(args, dev), args.n, make, batch_size=args.batch_size,
+                         chunk=args.chunk_size, overwrite=args.overwrite, progress=not args.no_progress,
+                         write_out=False)["arr_0"]
     if labels is None:
         atomic_write_npz(out, arr_0=images)  # uint8 NHWC under arr_0
         save_grid(images[:64], grid, scale=grid_scale(cfg.model.resolution))
@@ -168,6 +172,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         save_grid(cells, grid, nrow=cols, scale=grid_scale(cfg.model.resolution))
         print(f"wrote {len(images)} samples of classes {sorted(set(labels.tolist()))} at guidance W={weight:g} to "
               f"{out} (uint8 NHWC arr_0, int64 labels arr_1) and a grid (one row per class) to {grid}")
+    finish(out)  # OUT is complete: its chunks go
     stem = out.with_suffix("")
     if args.progressive or args.chains or args.interpolate:
         from .evaluate import figures

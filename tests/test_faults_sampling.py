@@ -1,0 +1,236 @@
+"""A long ``ddpm sample --n`` killed part-way keeps its finished chunks, and the same command
+continues it to the file an uninterrupted run writes (ddpm.chunks).
+
+Real processes: the command runs as ``python -c STALL`` (the CLI with one hook: it stops for
+good after its k-th chunk, or in the middle of writing chunk k+1), the test polls the chunk
+folder until the process is there, then sends SIGKILL, SIGINT or SIGTERM. The rerun must give
+arrays byte-equal to a run that was never interrupted; a different command on the same output
+is refused in one line naming the differing option, unless --overwrite.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm.checkpoint import add_prefix, save_checkpoint
+from ddpm.chunks import parts_dir
+from ddpm.cli import main
+from ddpm.config import apply_overrides, get_preset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = ["model.ch=32", "model.ch_mult=1,2", "model.num_res_blocks=1", "model.attn_resolutions=4",
+        "model.dropout=0", "diffusion.num_timesteps=20"]
+N, CHUNK = 12, 2  # 6 chunks
+
+# The CLI, stalled (sleep) once it has written STALL_AFTER chunks: "after" = between chunks,
+# "write" = inside the atomic write of the next chunk (its temporary file complete, not renamed).
+STALL = textwrap.dedent("""
+    import os, sys, time
+    import ddpm.chunks as chunks
+    after, mode = int(os.environ["STALL_AFTER"]), os.environ["STALL_MODE"]
+    real, calls = chunks.write_chunk, [0]
+
+    def write_chunk(path, arrays):
+        calls[0] += 1
+        if mode == "write" and calls[0] == after + 1:
+            os.fsync = lambda fd: time.sleep(600)
+        real(path, arrays)
+        if mode == "after" and calls[0] == after:
+            time.sleep(600)
+
+    chunks.write_chunk = write_chunk
+    from ddpm.cli import main
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    """A tiny U-Net (T = 20) with perturbed weights, so that images depend on their seeds."""
+    from ddpm.nets.unet import UNet
+
+    cfg = apply_overrides(get_preset("digits"), TINY)
+    g = torch.Generator().manual_seed(1234)
+    model = UNet.from_config(cfg.model, cfg.out_channels)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    p = tmp_path_factory.mktemp("fs") / "weights.safetensors"
+    save_checkpoint(p, add_prefix(model.state_dict(), "ema/"), {"config": cfg.to_dict(), "step": 0, "kind": "weights"})
+    return p
+
+
+def _argv(ckpt: Path, out: Path, *extra: str) -> list[str]:
+    return ["sample", "--ckpt", str(ckpt), "--out", str(out), "--n", str(N), "--chunk-size", str(CHUNK),
+            "--batch-size", "2", "--seed", "5", "--no-progress", "--device", "cpu", *extra]
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt, tmp_path_factory) -> np.ndarray:
+    """An uninterrupted run; its chunk folder is gone afterwards."""
+    out = tmp_path_factory.mktemp("ref") / "ref.npz"
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # (module fixtures run outside the one_thread fixture)
+    try:
+        assert main(_argv(ckpt, out)) == 0
+    finally:
+        torch.set_num_threads(old)
+    assert not parts_dir(out).exists(), "the chunk folder stays after a finished run"
+    x = _arrays(out)
+    assert sorted(x) == ["arr_0"] and x["arr_0"].shape == (N, 8, 8, 1)
+    assert len({x["arr_0"][i].tobytes() for i in range(N)}) == N
+    return x["arr_0"]
+
+
+def _chunks(parts: Path) -> list[str]:
+    return sorted(p.name for p in parts.glob("chunk_*.npz"))
+
+
+def _start_stalled(argv: list[str], after: int, mode: str) -> subprocess.Popen:
+    env = {**os.environ, "STALL_AFTER": str(after), "STALL_MODE": mode, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-c", STALL, *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(cond, proc: subprocess.Popen, timeout: float = 240.0) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"the process ended early (rc {proc.returncode}): {proc.stderr.read()}")
+        if time.monotonic() > end:
+            proc.kill()
+            raise AssertionError("timed out waiting for the process to reach its stall point")
+        time.sleep(0.05)
+
+
+def _interrupt(ckpt: Path, out: Path, sig: int, after: int, mode: str = "after") -> tuple[int, str]:
+    """Run the stalled command, wait until it has ``after`` chunks (and is where ``mode`` says),
+    send ``sig``; (exit status, stderr)."""
+    parts = parts_dir(out)
+    proc = _start_stalled(_argv(ckpt, out), after, mode)
+    if mode == "after":
+        _wait_for(lambda: len(_chunks(parts)) >= after, proc)
+        time.sleep(0.2)  # past the rename, into the sleep
+    else:
+        _wait_for(lambda: any(parts.glob(".chunk_*.tmp")), proc)
+    proc.send_signal(sig)
+    try:
+        _, err = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    return proc.returncode, err
+
+
+@pytest.mark.parametrize("sig,after", [(signal.SIGKILL, 1), (signal.SIGKILL, 3), (signal.SIGINT, 1),
+                                       (signal.SIGTERM, 3)],
+                         ids=["kill9-after1", "kill9-after3", "sigint-after1", "sigterm-after3"])
+def test_interrupted_sample_continues_to_the_same_arrays(ckpt, reference, tmp_path, capsys, sig, after):
+    out = tmp_path / "s.npz"
+    rc, err = _interrupt(ckpt, out, sig, after)
+    expected_rc = {signal.SIGKILL: -9, signal.SIGINT: 130, signal.SIGTERM: 143}[sig]
+    assert rc == expected_rc, err
+    if sig != signal.SIGKILL:  # a catchable signal: one line saying what was kept, no traceback
+        assert "Traceback" not in err, err
+        assert f"{after} of {N // CHUNK} chunks kept" in err and "interrupted" in err, err
+    parts = parts_dir(out)
+    assert _chunks(parts) == [f"chunk_{c:06d}.npz" for c in range(after)]
+    assert not out.exists()
+    assert not list(parts.glob(".*.tmp")), "an interrupted write left its temporary file"
+    assert main(_argv(ckpt, out)) == 0  # the same command again
+    log = capsys.readouterr().out
+    assert f"{after} of {N // CHUNK} chunks" in log, log
+    x = _arrays(out)
+    assert sorted(x) == ["arr_0"]
+    np.testing.assert_array_equal(x["arr_0"], reference)
+    assert not parts.exists()
+
+
+def test_kill9_inside_a_chunk_write_leaves_a_temp_that_the_rerun_clears(ckpt, reference, tmp_path, capsys):
+    out = tmp_path / "w.npz"
+    rc, _ = _interrupt(ckpt, out, signal.SIGKILL, 2, mode="write")
+    assert rc == -9
+    parts = parts_dir(out)
+    temps = list(parts.glob(".chunk_000002.npz.*.tmp"))
+    assert len(temps) == 1 and temps[0].stat().st_size > 0, "the kill did not land inside the write"
+    assert _chunks(parts) == ["chunk_000000.npz", "chunk_000001.npz"]
+    assert main(_argv(ckpt, out)) == 0
+    assert f"removed {temps[0]}" in capsys.readouterr().out
+    np.testing.assert_array_equal(_arrays(out)["arr_0"], reference)
+
+
+def _unfinished(ckpt: Path, out: Path, kept: int) -> Path:
+    """A chunk folder with ``kept`` finished chunks (as a killed run leaves it)."""
+    rc, err = _interrupt(ckpt, out, signal.SIGKILL, kept)
+    assert rc == -9, err
+    return parts_dir(out)
+
+
+def test_a_damaged_chunk_is_drawn_again(ckpt, reference, tmp_path):
+    out = tmp_path / "d.npz"
+    parts = _unfinished(ckpt, out, 3)
+    bad = parts / "chunk_000001.npz"
+    bad.write_bytes(bad.read_bytes()[:-40])  # truncated
+    flipped = parts / "chunk_000002.npz"
+    with np.load(flipped) as z:  # a valid npz whose pixels no longer match the digest
+        arrays = {k: z[k].copy() for k in z.files}
+    arrays["arr_0"][0, 0, 0, 0] ^= 1
+    np.savez(flipped, **arrays)
+    assert main(_argv(ckpt, out)) == 0
+    np.testing.assert_array_equal(_arrays(out)["arr_0"], reference)
+
+
+@pytest.mark.parametrize("extra,option", [(["--steps", "10"], "--steps"), (["--seed", "6"], "--seed"),
+                                          (["--sampler", "ddim", "--steps", "5"], "--sampler")])
+def test_another_command_on_unfinished_samples_is_refused(ckpt, tmp_path, capsys, extra, option):
+    out = tmp_path / "c.npz"
+    parts = _unfinished(ckpt, out, 1)
+    before = {p.name: p.read_bytes() for p in parts.iterdir()}
+    argv = _argv(ckpt, out)
+    for i in range(0, len(extra), 2):  # replace or append the changed options
+        if extra[i] in argv:
+            argv[argv.index(extra[i]) + 1] = extra[i + 1]
+        else:
+            argv += extra[i:i + 2]
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert option in lines[0] and "--overwrite" in lines[0], lines[0]
+    assert {p.name: p.read_bytes() for p in parts.iterdir()} == before, "the refusal changed the chunk folder"
+    assert not out.exists()
+    # --overwrite starts again: the result is that of the new command run fresh elsewhere
+    assert main(argv + ["--overwrite"]) == 0
+    fresh = tmp_path / "fresh.npz"
+    assert main([*argv[:4], str(fresh), *argv[5:]]) == 0
+    np.testing.assert_array_equal(_arrays(out)["arr_0"], _arrays(fresh)["arr_0"])
+    assert not parts.exists()
+
+
+def test_batch_size_and_chunk_size_do_not_change_the_job(ckpt, reference, tmp_path):
+    """--batch-size is not part of the job (a rerun may change it); a continued job keeps its chunk size."""
+    out = tmp_path / "b.npz"
+    parts = _unfinished(ckpt, out, 2)
+    argv = _argv(ckpt, out)
+    argv[argv.index("--batch-size") + 1] = "3"
+    argv[argv.index("--chunk-size") + 1] = "5"
+    assert main(argv) == 0
+    np.testing.assert_array_equal(_arrays(out)["arr_0"], reference)
+    assert not parts.exists()
