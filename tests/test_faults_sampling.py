@@ -55,8 +55,7 @@ STALL = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
+def tiny_checkpoint(p: Path) -> Path:
     """A tiny U-Net (T = 20) with perturbed weights, so that images depend on their seeds."""
     from ddpm.nets.unet import UNet
 
@@ -64,11 +63,15 @@ def ckpt(tmp_path_factory) -> Path:
     g = torch.Generator().manual_seed(1234)
     model = UNet.from_config(cfg.model, cfg.out_channels)
     with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    p = tmp_path_factory.mktemp("fs") / "weights.safetensors"
+        for w in model.parameters():
+            w.add_(0.05 * torch.randn(w.shape, generator=g))
     save_checkpoint(p, add_prefix(model.state_dict(), "ema/"), {"config": cfg.to_dict(), "step": 0, "kind": "weights"})
     return p
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("fs") / "weights.safetensors")
 
 
 def _argv(ckpt: Path, out: Path, *extra: str) -> list[str]:

@@ -31,6 +31,7 @@ from .. import distributed as D
 from ..atomic import remove_stale_temps
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import Config
+from ..diskspace import check_room, checkpoint_bytes
 from ..errors import CheckpointError, ConfigError, UserError
 from ..fast import train_channels_last
 from ..winograd import winograd_convs
@@ -289,17 +290,21 @@ class _Trainer:
             if bad:  # cannot happen with the skip guard; never persist NaNs
                 raise NonFiniteLossError(f"refusing to write a checkpoint with non-finite values in {bad[:3]}")
             path = self.run_dir.checkpoint_path(counters.step)
+            check_room(path.parent, checkpoint_bytes(tensors), f"checkpoint {path.name}", self.log)
             try:
                 save_checkpoint(path, tensors, meta)
                 self.run_dir.set_latest(path)
                 gone = self.run_dir.rotate(self.cfg.train.keep_last)
             except CheckpointError as e:
-                raise CheckpointError(f"stopping: {e}") from None
+                hint = (f"; continue with ddpm train --out {self.run_dir.root} --resume auto once there is space"
+                        if any(w in str(e).lower() for w in ("no space left", "quota exceeded")) else "")
+                raise CheckpointError(f"stopping: {e}{hint}") from None
             except OSError as e:
                 raise CheckpointError(f"stopping: could not update {self.run_dir.ckpt_dir}: "
                                       f"{e.strerror or e}") from None
             for g in gone:
                 self.log(f"removed old checkpoint {g.name} (keep_last={self.cfg.train.keep_last})")
+            check_room(path.parent, path.stat().st_size, "the next checkpoint", self.log)  # warn early
             return str(path)
 
         return _rank0(self.env, write)
