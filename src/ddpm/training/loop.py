@@ -38,6 +38,7 @@ from ..winograd import winograd_convs
 from . import layout
 from .ema import EMA
 from .lock import RunLock, RunLockedError
+from .oom import SplitOnOOM
 from .observe import MetricsWriter, Progress, Window, write_sample_grid
 from .optim import make_optimizer
 from .precision import resolve_precision
@@ -344,6 +345,8 @@ class _Trainer:
         window = Window(int(parts.diffusion.num_timesteps))
         shown = {"loss": None, "last": None}
         stopped_by = 0
+        # a batch that runs out of device memory is split into micro-batches (ddpm.training.oom)
+        step_fn = SplitOnOOM(lambda p, b, s: train_step(p, b, s), self.log, env.world_size)
         with contextlib.ExitStack() as stack:
             # Kept open for the whole run: its scratch memory is allocated once, not at every step.
             # Not under torch.compile, which compiles the direct convolution.
@@ -359,7 +362,7 @@ class _Trainer:
 
                 x0 = to_model(batches.next(), env.device)
                 kwargs = {} if batches.last_labels is None else {"y": batches.last_labels.to(env.device)}
-                result = train_step(parts, Batch(x0, kwargs), counters.step)
+                result = step_fn(parts, Batch(x0, kwargs), counters.step)
                 counters.step += 1
                 self._account(result, counters, window, shown, last_ckpt, writer, t_start)
                 if tc.sample_every and counters.step % tc.sample_every == 0 and env.is_main:
