@@ -32,7 +32,7 @@ from ..atomic import remove_stale_temps
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import Config
 from ..diskspace import check_room, checkpoint_bytes
-from ..errors import CheckpointError, ConfigError, UserError
+from ..errors import CheckpointError, ConfigError, DataError, UserError
 from ..fast import train_channels_last
 from ..winograd import winograd_convs
 from . import layout
@@ -327,7 +327,7 @@ class _Trainer:
         tc, env = self.cfg.train, self.env
         path, tensors, meta = self._choose_start(resume)
         parts = self.parts = self._build()
-        batches = self._open_data()
+        batches = self.batches = self._open_data()
         if path is not None:
             counters = self._restore(parts, batches, path, tensors, meta)
             del tensors
@@ -360,7 +360,10 @@ class _Trainer:
             while counters.step < tc.total_steps and not stopped_by:
                 from ..images import to_model
 
-                x0 = to_model(batches.next(), env.device)
+                try:
+                    x0 = to_model(batches.next(), env.device)
+                except DataError as e:  # the data changed under the run: keep the finished steps
+                    raise self._data_failed(e, parts, batches, counters, saved_step, last_ckpt) from None
                 kwargs = {} if batches.last_labels is None else {"y": batches.last_labels.to(env.device)}
                 result = step_fn(parts, Batch(x0, kwargs), counters.step)
                 counters.step += 1
@@ -394,6 +397,18 @@ class _Trainer:
                 "steps_per_s": done / elapsed if done and elapsed > 0 else None,
                 "rank": env.rank, "world_size": env.world_size, "stopped_by": stopped_by or None}
 
+    def _data_failed(self, e: DataError, parts: TrainParts, batches, counters: layout.Counters,
+                     saved_step: int | None, last_ckpt: str | None) -> DataError:
+        """A batch could not be read (a file deleted, truncated or replaced during the run): write
+        a checkpoint of the last finished step (one process only: a collective save would wait for
+        ranks that did not fail) and return the error to raise, saying how to continue."""
+        if not self.env.distributed and counters.step > 0 and saved_step != counters.step:
+            last_ckpt = self._save(parts, batches, counters)
+        where = (f"; checkpoint {last_ckpt} (step {counters.step}); fix or remove the file (or set "
+                 f"data.skip_bad_images=true) and continue with ddpm train --out {self.run_dir.root} --resume auto"
+                 if last_ckpt else "")
+        return DataError(f"stopping at step {counters.step}: {e}{where}")
+
     def _account(self, result: StepResult, counters: layout.Counters, window: Window, shown: dict,
                  last_ckpt: str | None, writer: MetricsWriter | None, t_start: float) -> None:
         """Book one finished step: non-finite guard, progress bar, metrics.jsonl."""
@@ -421,6 +436,8 @@ class _Trainer:
             self.bar.set_loss(shown["loss"], counters.skipped)
         if tc.log_every and step % tc.log_every == 0:
             rec = window.record(step, result.lr, counters.skipped, time.perf_counter() - t_start)
+            if self.cfg.data.skip_bad_images:  # bad image files skipped so far (this process)
+                rec["skipped_images"] = self.batches.skipped_images
             shown["last"] = rec["loss"]
             if writer is not None:
                 writer.write(rec)
