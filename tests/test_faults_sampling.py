@@ -10,6 +10,7 @@ is refused in one line naming the differing option, unless --overwrite.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -35,10 +36,14 @@ N, CHUNK = 12, 2  # 6 chunks
 
 # The CLI, stalled (sleep) once it has written STALL_AFTER chunks: "after" = between chunks,
 # "write" = inside the atomic write of the next chunk (its temporary file complete, not renamed).
+# "exit" = this process dies (exit status 3) after its STALL_AFTER-th chunk; under torchrun
+# only rank STALL_RANK stalls or dies.
 STALL = textwrap.dedent("""
-    import os, sys, time
+    import json, os, sys, time
     import ddpm.chunks as chunks
     after, mode = int(os.environ["STALL_AFTER"]), os.environ["STALL_MODE"]
+    if os.environ.get("RANK", "0") != os.environ.get("STALL_RANK", "0"):
+        mode = "none"
     real, calls = chunks.write_chunk, [0]
 
     def write_chunk(path, arrays):
@@ -48,10 +53,14 @@ STALL = textwrap.dedent("""
         real(path, arrays)
         if mode == "after" and calls[0] == after:
             time.sleep(600)
+        if mode == "exit" and calls[0] == after:
+            os._exit(3)
 
     chunks.write_chunk = write_chunk
     from ddpm.cli import main
-    sys.exit(main(sys.argv[1:]))
+    # under torchrun the command's options come through the environment (torchrun's own parser
+    # would take --n for one of its abbreviated options)
+    sys.exit(main(json.loads(os.environ["DDPM_ARGV"]) if "DDPM_ARGV" in os.environ else sys.argv[1:]))
 """)
 
 
@@ -237,3 +246,93 @@ def test_batch_size_and_chunk_size_do_not_change_the_job(ckpt, reference, tmp_pa
     assert main(argv) == 0
     np.testing.assert_array_equal(_arrays(out)["arr_0"], reference)
     assert not parts.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# torchrun: each rank its chunks; any number of ranks continues the same job
+
+
+def _torchrun(script: Path, argv: list[str], **env_extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", DDPM_ARGV=json.dumps(argv), **env_extra)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_rank_gloo_sample_resumed_by_one_process(ckpt, reference, tmp_path, capsys):
+    """Rank 1 of a 2-rank torchrun `ddpm sample` dies after its first chunk (torchrun then stops
+    rank 0); one plain process continues the job: the same arrays as an uninterrupted run."""
+    out = tmp_path / "d.npz"
+    script = tmp_path / "stall.py"
+    script.write_text(STALL)
+    proc = _torchrun(script, _argv(ckpt, out), STALL_AFTER="1", STALL_MODE="exit", STALL_RANK="1")
+    assert proc.returncode != 0, "rank 1 should have died"
+    have = _chunks(parts_dir(out))
+    assert "chunk_000001.npz" in have and "chunk_000003.npz" not in have, (have, proc.stderr[-2000:])
+    assert not out.exists()
+    assert main(_argv(ckpt, out)) == 0  # one process, the same command
+    np.testing.assert_array_equal(_arrays(out)["arr_0"], reference)
+    assert not parts_dir(out).exists()
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_rank_gloo_sample_gives_the_one_process_file(ckpt, reference, tmp_path):
+    out = tmp_path / "two.npz"
+    script = tmp_path / "plain.py"
+    script.write_text(STALL)
+    proc = _torchrun(script, _argv(ckpt, out), STALL_AFTER="0", STALL_MODE="none")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote 12 samples") == 1, proc.stdout  # rank 0 alone writes
+    np.testing.assert_array_equal(_arrays(out)["arr_0"], reference)
+    assert not parts_dir(out).exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# the samples of `ddpm eval fid --ckpt` (ddpm.evaluate.fid.generate_samples)
+
+
+def test_fid_samples_continue_after_an_interrupt(tmp_path, monkeypatch):
+    import ddpm.chunks as chunks
+    from ddpm.chunks import ArgumentsChanged
+    from ddpm.diffusion import GaussianDiffusion
+    from ddpm.evaluate import fid
+
+    diffusion = GaussianDiffusion(np.linspace(1e-3, 0.2, 6))
+
+    class Model(torch.nn.Module):  # class-conditional (null label 3), so that labels and guidance matter
+        num_classes = 3
+
+        def forward(self, x, t, y=None):
+            return 0.5 * x + (0.0 if y is None else 0.1 * y.view(-1, 1, 1, 1).float())
+
+    model = Model()
+
+    kw = dict(seed=3, batch_size=4, num_classes=3, guidance=2.0, log=lambda m: None)
+    full = fid.generate_samples(diffusion, model, 10, (1, 4, 4), **kw)  # no chunks
+    out = tmp_path / "fid.json"
+    real, calls = chunks.write_chunk, [0]
+
+    def interrupted(path, arrays):
+        calls[0] += 1
+        if calls[0] == 3:
+            raise KeyboardInterrupt
+        real(path, arrays)
+
+    monkeypatch.setattr(chunks, "write_chunk", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fid.generate_samples(diffusion, model, 10, (1, 4, 4), resume_at=out, chunk=3, identity={"--ckpt": "x"}, **kw)
+    monkeypatch.undo()
+    assert _chunks(parts_dir(out)) == ["chunk_000000.npz", "chunk_000001.npz"]
+    with pytest.raises(ArgumentsChanged, match="--guidance"):
+        fid.generate_samples(diffusion, model, 10, (1, 4, 4), resume_at=out, chunk=3, identity={"--ckpt": "x"},
+                             **{**kw, "guidance": 3.0})
+    again = fid.generate_samples(diffusion, model, 10, (1, 4, 4), resume_at=out, chunk=3, identity={"--ckpt": "x"},
+                                 **{**kw, "batch_size": 2})
+    np.testing.assert_array_equal(again, full)
+    assert parts_dir(out).exists()  # until the caller has written its result
+    chunks.finish(out)
+    assert not parts_dir(out).exists()

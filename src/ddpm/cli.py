@@ -228,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class-conditional --ckpt: balanced classes (image k asks for k mod C) at guidance W "
                         "(default 1: plain conditional)")
     f.add_argument("--out", default="fid.json", metavar="FILE.json", help="results")
+    add_resume_args(f)
     qd = esub.add_parser("quality", help="offline sample quality for the embedded digits (classifier features)",
                          formatter_class=_FMT)
     qd.add_argument("--ckpt", default=None, metavar="CKPT|RUN_DIR", help="model to sample from")

@@ -112,7 +112,10 @@ def cmd_sample(args: argparse.Namespace) -> None:
     if args.conv == "winograd" and args.compile:
         raise UserError("--conv winograd cannot be combined with --compile (inductor compiles the direct "
                         "convolution); drop one of them")
-    dev = _device(args.device)
+    from . import distributed as D
+
+    env = D.setup(args.device)  # under torchrun: join the group; rank r draws the chunks c mod W == r
+    dev = env.device
     model, diffusion, cfg, _ = load(args.ckpt, device=dev)
     T = diffusion.num_timesteps
     if args.steps is not None and args.steps > T:
@@ -162,6 +165,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
     images = run_chunked(out, command_identity(args, dev), args.n, make, batch_size=args.batch_size,
                          chunk=args.chunk_size, overwrite=args.overwrite, progress=not args.no_progress,
                          write_out=False)["arr_0"]
+    if not env.is_main:  # rank 0 writes the file, the grid and the figures
+        D.teardown(env)
+        return
     if labels is None:
         atomic_write_npz(out, arr_0=images)  # uint8 NHWC under arr_0
         save_grid(images[:64], grid, scale=grid_scale(cfg.model.resolution))
@@ -173,6 +179,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(f"wrote {len(images)} samples of classes {sorted(set(labels.tolist()))} at guidance W={weight:g} to "
               f"{out} (uint8 NHWC arr_0, int64 labels arr_1) and a grid (one row per class) to {grid}")
     finish(out)  # OUT is complete: its chunks go
+    D.teardown(env)  # (a no-op without torchrun)
     stem = out.with_suffix("")
     if args.progressive or args.chains or args.interpolate:
         from .evaluate import figures
@@ -325,9 +332,15 @@ def _samples_from(args: argparse.Namespace, n: int):
     if guidance is not None and cfg.model.num_classes == 0:
         raise UserError(f"--guidance: {args.ckpt} is an unconditional model (model.num_classes=0); "
                         f"guidance needs a class-conditional one")
+    resume = {}
+    if hasattr(args, "overwrite"):  # ddpm eval fid: finished chunks kept in OUT.parts/ (ddpm.chunks)
+        from .chunks import command_identity
+
+        resume = dict(resume_at=args.out, identity=command_identity(args, dev), overwrite=args.overwrite,
+                      chunk=args.chunk_size)
     images = generate_samples(diffusion, model, n, shape, seed=args.seed, batch_size=args.batch_size, device=dev,
                               amp_dtype=_amp(args.precision), progress=True, num_classes=cfg.model.num_classes,
-                              guidance=guidance)
+                              guidance=guidance, **resume)
     return images, cfg
 
 
@@ -342,6 +355,10 @@ def _eval_fid(args: argparse.Namespace) -> None:
     res = compute_fid(samples, ref, split=args.split, cache_dir=args.cache_dir,
                       inception_weights=args.inception_weights, batch_size=args.batch_size, device=_device(args.device))
     atomic_write_json(out, res)
+    if args.ckpt is not None:
+        from .chunks import finish
+
+        finish(out)  # the result is written: the sample chunks go
     print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
     print(f"wrote {out}")
 
