@@ -79,7 +79,8 @@ def _train(cfg, out: Path, monkeypatch=None, after_step: int | None = None, chan
             monkeypatch.undo()
 
 
-@pytest.mark.parametrize("how", ["deleted", "truncated", "replaced"])
+@pytest.mark.parametrize("how", ["deleted", pytest.param("truncated", marks=pytest.mark.slow),
+                                 pytest.param("replaced", marks=pytest.mark.slow)])
 def test_a_file_that_goes_bad_stops_with_a_checkpoint_and_resumes_exactly(tmp_path, monkeypatch, how):
     data = _folder(tmp_path / "data")
     victim = data / VICTIM

@@ -150,8 +150,8 @@ def _interrupt(ckpt: Path, out: Path, sig: int, after: int, mode: str = "after")
     return proc.returncode, err
 
 
-@pytest.mark.parametrize("sig,after", [(signal.SIGKILL, 1), (signal.SIGKILL, 3), (signal.SIGINT, 1),
-                                       (signal.SIGTERM, 3)],
+@pytest.mark.parametrize("sig,after", [(signal.SIGKILL, 1), pytest.param(signal.SIGKILL, 3, marks=pytest.mark.slow),
+                                       pytest.param(signal.SIGINT, 1, marks=pytest.mark.slow), (signal.SIGTERM, 3)],
                          ids=["kill9-after1", "kill9-after3", "sigint-after1", "sigterm-after3"])
 def test_interrupted_sample_continues_to_the_same_arrays(ckpt, reference, tmp_path, capsys, sig, after):
     out = tmp_path / "s.npz"
@@ -208,8 +208,11 @@ def test_a_damaged_chunk_is_drawn_again(ckpt, reference, tmp_path):
     np.testing.assert_array_equal(_arrays(out)["arr_0"], reference)
 
 
-@pytest.mark.parametrize("extra,option", [(["--steps", "10"], "--steps"), (["--seed", "6"], "--seed"),
-                                          (["--sampler", "ddim", "--steps", "5"], "--sampler")])
+@pytest.mark.parametrize("extra,option", [(["--steps", "10"], "--steps"),
+                                          pytest.param(["--seed", "6"], "--seed", marks=pytest.mark.slow),
+                                          pytest.param(["--sampler", "ddim", "--steps", "5"], "--sampler",
+                                                       marks=pytest.mark.slow)],
+                         ids=["steps", "seed", "sampler"])
 def test_another_command_on_unfinished_samples_is_refused(ckpt, tmp_path, capsys, extra, option):
     out = tmp_path / "c.npz"
     parts = _unfinished(ckpt, out, 1)

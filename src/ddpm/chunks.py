@@ -326,9 +326,21 @@ def sampling_chunks(diffusion, model, shape, seed: int, *, labels: np.ndarray | 
     return make
 
 
+def _chunk_size(s: str) -> int:
+    import argparse
+
+    try:
+        v = int(s)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}")
+    return v
+
+
 def add_resume_args(p) -> None:
     """``--chunk-size`` and ``--overwrite``: the options of a resumable sampling command."""
-    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, metavar="N",
+    p.add_argument("--chunk-size", type=_chunk_size, default=DEFAULT_CHUNK, metavar="N",
                    help="images per finished chunk kept in OUT.parts/ (the same command continues an interrupted "
                         "run from there; a continued run keeps its own chunk size)")
     p.add_argument("--overwrite", action="store_true",
