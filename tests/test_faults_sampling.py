@@ -339,3 +339,13 @@ def test_fid_samples_continue_after_an_interrupt(tmp_path, monkeypatch):
     assert parts_dir(out).exists()  # until the caller has written its result
     chunks.finish(out)
     assert not parts_dir(out).exists()
+
+
+def test_an_option_error_found_while_sampling_leaves_no_chunk_folder(ckpt, tmp_path, capsys):
+    """--steps 1 is refused by the sampler itself (after the manifest was written): no trace."""
+    out = tmp_path / "e.npz"
+    argv = _argv(ckpt, out)
+    argv[argv.index("--n") + 1] = "2"
+    assert main(argv + ["--steps", "1"]) == 2
+    assert "steps must be >= 2" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -262,6 +262,7 @@ def run_chunked(out: str | Path, identity: Mapping[str, Any], n: int, make: Make
     rank, world = D.dist_info()
     parts = parts_dir(out)
     plan, err = None, None
+    fresh = not (parts / MANIFEST).is_file()
     if rank == 0:
         try:
             plan = open_parts(out, identity, n, chunk, overwrite=overwrite, log=log)
@@ -281,6 +282,12 @@ def run_chunked(out: str | Path, identity: Mapping[str, Any], n: int, make: Make
                 write_chunk(chunk_path(parts, c), draw(lo, hi))
                 if bar is not None:
                     bar.update(hi - lo)
+    except UserError:
+        # a mistake found by the first chunk (a bad sampler option, a full disk before anything
+        # was kept): a new job leaves no trace
+        if rank == 0 and fresh and not any(parts.glob("chunk_*.npz")):
+            shutil.rmtree(parts, ignore_errors=True)
+        raise
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
