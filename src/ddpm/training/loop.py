@@ -38,8 +38,8 @@ from ..winograd import winograd_convs
 from . import layout
 from .ema import EMA
 from .lock import RunLock, RunLockedError
+from .observe import LiveReport, MetricsWriter, Progress, Window, write_sample_grid
 from .oom import SplitOnOOM
-from .observe import MetricsWriter, Progress, Window, write_sample_grid
 from .optim import make_optimizer
 from .precision import resolve_precision
 from .state import (RunFolder, check_resume_compatible, check_train_meta, find_resume_checkpoint, refuse_overwrite,
@@ -345,6 +345,7 @@ class _Trainer:
         window = Window(int(parts.diffusion.num_timesteps))
         shown = {"loss": None, "last": None}
         stopped_by = 0
+        report = LiveReport(self.run_dir.root, tc.report_every, self.log) if env.is_main else None
         # a batch that runs out of device memory is split into micro-batches (ddpm.training.oom)
         step_fn = SplitOnOOM(lambda p, b, s: train_step(p, b, s), self.log, env.world_size)
         with contextlib.ExitStack() as stack:
@@ -369,7 +370,7 @@ class _Trainer:
                 counters.step += 1
                 self._account(result, counters, window, shown, last_ckpt, writer, t_start)
                 if tc.sample_every and counters.step % tc.sample_every == 0 and env.is_main:
-                    self._sample_grid(parts, counters.step)
+                    self._sample_grid(parts, counters.step, writer)
                 stopped_by, time_due = self._poll(last_save)
                 if (stopped_by or time_due or counters.step == tc.total_steps
                         or (tc.save_every and counters.step % tc.save_every == 0)):
@@ -378,6 +379,10 @@ class _Trainer:
                         last_save = time.monotonic()
                     if not stopped_by:  # a signal that came during this write: its step is saved, stop now
                         stopped_by = self._poll(last_save)[0]
+                if report is not None and report.due():
+                    report.write(live=True)
+            if report is not None:
+                report.write(live=False)  # the run's final state (finished, or stopped by a signal)
         elapsed = time.perf_counter() - t_start
         done = counters.step - start_step
         last_loss = shown["last"]
@@ -443,7 +448,7 @@ class _Trainer:
                 writer.write(rec)
             window.reset()
 
-    def _sample_grid(self, parts: TrainParts, step: int) -> None:
+    def _sample_grid(self, parts: TrainParts, step: int, writer: MetricsWriter | None = None) -> None:
         """EMA samples with fixed seeds; the training RNG streams are left exactly as they were.
         A stop signal cuts the sampling short (no file is written for this step)."""
         path = self.run_dir.sample_path(step)
@@ -456,3 +461,5 @@ class _Trainer:
             self.log(f"step {step}: sample grid skipped (stopping)")
             return
         self.log(f"step {step}: samples -> {path}")
+        if writer is not None:
+            writer.add_grid(path, step)
