@@ -333,48 +333,6 @@ def sampling_chunks(diffusion, model, shape, seed: int, *, labels: np.ndarray | 
     return make
 
 
-def _chunk_size(s: str) -> int:
-    import argparse
-
-    try:
-        v = int(s)
-    except ValueError:
-        v = 0
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}")
-    return v
-
-
-def add_resume_args(p) -> None:
-    """``--chunk-size`` and ``--overwrite``: the options of a resumable sampling command."""
-    p.add_argument("--chunk-size", type=_chunk_size, default=DEFAULT_CHUNK, metavar="N",
-                   help="images per finished chunk kept in OUT.parts/ (the same command continues an interrupted "
-                        "run from there; a continued run keeps its own chunk size)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="start again when OUT.parts/ holds unfinished samples of a different command (otherwise "
-                        "refused, naming the differing argument)")
-
-
-#: The options of ``ddpm sample`` / ``ddpm eval fid`` the images depend on (not the batch size,
-#: progress or output paths). Missing attributes are simply absent.
-IDENTITY_OPTIONS = ("n", "seed", "sampler", "steps", "spacing", "eta", "clip", "var", "order", "class_spec",
-                    "guidance", "precision", "compile", "cuda_graph", "conv")
-
-
-def command_identity(args, device) -> dict[str, Any]:
-    """The identity of a sampling command (for :func:`open_parts`): the checkpoint's digest, the
-    device type (CUDA and CPU generators draw different streams) and :data:`IDENTITY_OPTIONS`,
-    keyed by option name (``--class``, ``--steps``, ...)."""
-    import torch
-
-    ident: dict[str, Any] = {"--ckpt": checkpoint_digest(args.ckpt), "--device": torch.device(device).type}
-    for name in IDENTITY_OPTIONS:
-        if hasattr(args, name):
-            flag = "--class" if name == "class_spec" else "--" + name.replace("_", "-")
-            ident[flag] = getattr(args, name)
-    return ident
-
-
 def finish(out: str | Path) -> None:
     """Remove ``OUT.parts`` once the caller has written its own result (``write_out=False``)."""
     shutil.rmtree(parts_dir(out), ignore_errors=True)
@@ -419,5 +377,5 @@ def checkpoint_digest(ckpt: str | Path) -> str:
 
 
 __all__ = ["ArgumentsChanged", "ChunkPlan", "DEFAULT_CHUNK", "array_digest", "assemble", "checkpoint_digest",
-           "add_resume_args", "chunk_path", "command_identity", "file_digest", "finish", "halving_batches", "open_parts", "parts_dir", "read_chunk",
+           "chunk_path", "file_digest", "finish", "halving_batches", "open_parts", "parts_dir", "read_chunk",
            "run_chunked", "sampling_chunks", "term_as_interrupt", "write_chunk"]

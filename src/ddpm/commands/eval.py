@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 
 from ..atomic import atomic_write_json
-from ..chunks import add_resume_args
 from ..cliutil import amp_dtype as _amp, check_suffix as _check_suffix, device as _device
 from ..errors import UserError
 from ..options import CLIP_CHOICES, REVERSE_VARIANCES, SAMPLE_PRECISIONS, SPLITS
-from .args import NONNEG, POS, Formatter, Parser, add_model_args, float_at_least
+from .args import (NONNEG, POS, Formatter, Parser, add_model_args, add_resume_args, command_identity,
+                   float_at_least)
 
 HELP = "bits/dim, rate-distortion, FID/IS/KID, digits quality"
 
@@ -236,8 +236,6 @@ def _samples_from(args: argparse.Namespace, n: int):
                         f"guidance needs a class-conditional one")
     resume = {}
     if hasattr(args, "overwrite"):  # ddpm eval fid: finished chunks kept in OUT.parts/ (ddpm.chunks)
-        from ..chunks import command_identity
-
         resume = dict(resume_at=args.out, identity=command_identity(args, dev), overwrite=args.overwrite,
                       chunk=args.chunk_size)
     images = generate_samples(diffusion, model, n, shape, seed=args.seed, batch_size=args.batch_size, device=dev,

@@ -7,11 +7,10 @@ import argparse
 from pathlib import Path
 
 from ..atomic import atomic_write_npz
-from ..chunks import add_resume_args
 from ..cliutil import amp_dtype as _amp, check_suffix as _check_suffix
 from ..errors import UserError
 from ..options import CLIP_CHOICES, CONV_MODES, REVERSE_VARIANCES, TIMESTEP_SPACINGS
-from .args import NONNEG, POS, Formatter, add_model_args, float_at_least
+from .args import NONNEG, POS, Formatter, add_model_args, add_resume_args, command_identity, float_at_least
 
 HELP = "draw samples from a checkpoint"
 
@@ -123,7 +122,7 @@ def run(args: argparse.Namespace) -> None:
         if args.sampler in ("ancestral", "ddim"):
             raise UserError(f"--order applies to the solvers (unipc: 2 or 3), not --sampler {args.sampler}")
         var_options = {**(var_options or {}), "order": args.order}
-    from ..chunks import command_identity, finish, run_chunked, sampling_chunks
+    from ..chunks import finish, run_chunked, sampling_chunks
 
     # finished chunks kept in OUT.parts/: the same command continues after a kill (ddpm.chunks)
     make = sampling_chunks(diffusion, model, shape, args.seed, labels=labels, model_kwargs=model_kwargs,
