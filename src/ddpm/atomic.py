@@ -4,7 +4,9 @@ A writer fills a temporary file in the target's own folder (``.NAME.XXXX.tmp``, 
 cannot cross filesystems), flushes and fsyncs it, renames it over the target (atomic on POSIX)
 and fsyncs the folder so the rename itself survives a power cut. A crash, ``kill -9`` or a
 second Ctrl-C at any moment leaves either the old file or the new one; an exception while
-writing removes the temporary file and leaves the old file untouched. A ``kill -9`` can leave a
+writing removes the temporary file and leaves the old file untouched; a full disk (ENOSPC,
+EDQUOT) is reported as :class:`ddpm.errors.DiskFullError`, one line naming the file and the
+space it needed. A ``kill -9`` can leave a
 stray ``.NAME.*.tmp`` behind (never under the target's name); :func:`remove_stale_temps` clears
 them.
 
@@ -26,6 +28,9 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
+
+from .diskspace import disk_full_error, is_disk_full
+from .errors import DiskFullError
 
 _TMP_SUFFIX = ".tmp"
 
@@ -58,13 +63,26 @@ def _umask() -> int:
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
+def atomic_writer(path: str | os.PathLike, size: int | None = None) -> Iterator[BinaryIO]:
     """``with atomic_writer(p) as f: f.write(...)``: ``p`` appears complete when the block ends.
 
     The parent folder is created if missing. If the block raises (including KeyboardInterrupt),
     the temporary file is removed and the exception propagates; the old ``p`` is untouched.
+    A write that fails for lack of space or quota (ENOSPC, EDQUOT) raises
+    :class:`ddpm.errors.DiskFullError` naming ``p`` and ``size`` (the file's bytes, when known).
     """
     path = Path(path)
+    try:
+        with _writer(path) as f:
+            yield f
+    except OSError as e:
+        if is_disk_full(e) and not isinstance(e, DiskFullError):
+            raise disk_full_error(path, size, e) from None
+        raise
+
+
+@contextlib.contextmanager
+def _writer(path: Path) -> Iterator[BinaryIO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TMP_SUFFIX, dir=path.parent)
     try:
@@ -87,7 +105,7 @@ def atomic_writer(path: str | os.PathLike) -> Iterator[BinaryIO]:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp file, fsync, rename, fsync folder)."""
-    with atomic_writer(path) as f:
+    with atomic_writer(path, size=len(data)) as f:
         f.write(data)
 
 

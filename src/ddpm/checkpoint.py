@@ -30,7 +30,7 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from .atomic import atomic_write_bytes  # noqa: F401 (also re-exported: the one atomic writer)
-from .errors import CheckpointError
+from .errors import CheckpointError, DiskFullError
 
 FORMAT = "ddpm-checkpoint"
 FORMAT_VERSION = 1
@@ -84,6 +84,8 @@ def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]
     try:
         payload = st_save(cpu, metadata={_META_KEY: text, _META_DIGEST_KEY: _text_digest(text)})
         atomic_write_bytes(path, payload)
+    except DiskFullError as e:
+        raise CheckpointError(f"{e}; the previous checkpoint (if any) is intact") from None
     except OSError as e:
         raise CheckpointError(f"could not write checkpoint {path}: {e.strerror or e}; "
                               f"the previous checkpoint (if any) is intact") from None

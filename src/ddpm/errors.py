@@ -34,3 +34,16 @@ def suggest(name: str, choices: Iterable[str]) -> str:
     """Return ``" (did you mean 'x'?)"`` for the closest of ``choices``, or ``""``."""
     close = difflib.get_close_matches(str(name), list(choices), n=1, cutoff=0.5)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+class DiskFullError(UserError, OSError):
+    """A write that failed for lack of space (ENOSPC) or quota (EDQUOT). Also an ``OSError`` (with
+    that errno), so code that handles write failures in general still catches it; its message
+    names the file and the space the write needed (:mod:`ddpm.diskspace`)."""
+
+    def __init__(self, message: str, errno: int, filename: str | None = None):
+        OSError.__init__(self, errno, message, filename)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message

@@ -355,6 +355,32 @@ def step_lines(cfg: Config, m: StepMeasure, device) -> list[str]:
     return [line, "  " + mem]
 
 
+def fit_line(cfg: Config, m: StepMeasure, device, free_total: Optional[tuple[int, int]] = None) -> Optional[str]:
+    """A warning when the step's estimated memory exceeds the device's free memory (CUDA:
+    ``torch.cuda.mem_get_info``, or ``free_total`` = (free, total) bytes given); None when it fits.
+    The trainer then splits each batch into micro-batches (ddpm.training.oom); the line says
+    how many would fit by the estimate (activations scale with the micro-batch)."""
+    import torch
+
+    device = torch.device(device)
+    if free_total is None:
+        if device.type != "cuda":
+            return None
+        torch.cuda.empty_cache()  # the warm-up step's cached blocks are not the run's
+        free_total = torch.cuda.mem_get_info(device)
+    free, total = (int(v) for v in free_total)
+    if m.estimate_bytes <= free:
+        return None
+    room = free - m.state_bytes - m.update_bytes
+    per_image = m.activation_bytes / max(1, m.micro_batch)
+    fits = int(room // per_image) if room > 0 and per_image > 0 else 0
+    hint = (f"at most ~{fits} images per forward pass fit: the trainer will split each batch into micro-batches "
+            f"when it runs out of memory (or set train.grad_accum so that batch/grad_accum <= {fits})"
+            if fits >= 1 else "not even the weights and optimiser state fit: choose a smaller model")
+    return (f"warning: memory: a step at micro-batch {m.micro_batch} needs ~{_mib(m.estimate_bytes)} but {device} "
+            f"has {_mib(free)} free of {_mib(total)}; {hint}")
+
+
 def loader_line(cfg: Config, rate: float, m: StepMeasure, source_kind: str) -> str:
     consumed = cfg.train.batch_size / max(m.seconds, 1e-9)
     workers = cfg.train.num_workers
@@ -398,8 +424,18 @@ def build_plan(cfg: Config, device, preset: Optional[str] = None, size_note: str
     lines += model_lines(cfg, count_parameters(cfg), size_note)
     lines += run_lines(cfg, world_size)
     if measure:
-        m = measure_step(cfg, device, world_size)
+        from .training.oom import oom_errors
+
+        try:
+            m = measure_step(cfg, device, world_size)
+        except oom_errors():
+            lines.append(f"warning: memory: the warm-up step at the run's micro-batch ran out of memory on {device}; "
+                         f"the trainer will split each batch into micro-batches (or set train.grad_accum)")
+            return lines
         lines += step_lines(cfg, m, device)
+        fit = fit_line(cfg, m, device)
+        if fit:
+            lines.append(fit)
         if sv is not None and sv.kind in ("folder", "prepared", "array"):
             try:
                 rate, _ = loader_rate(cfg)

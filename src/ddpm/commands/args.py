@@ -83,3 +83,37 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
                         "only): see `lscpu | grep -o 'avx512_bf16\\|amx_bf16'`")
     p.add_argument("--batch-size", type=POS, default=64, help="images per network call")
     p.add_argument("--seed", type=NONNEG, default=0, help="image k uses seed SEED+k (same image whatever the batch size)")
+
+
+def add_resume_args(p: argparse.ArgumentParser) -> None:
+    """``--chunk-size`` and ``--overwrite``: the options of a resumable sampling command (ddpm.chunks)."""
+    from ..chunks import DEFAULT_CHUNK
+
+    p.add_argument("--chunk-size", type=POS, default=DEFAULT_CHUNK, metavar="N",
+                   help="images per finished chunk kept in OUT.parts/ (the same command continues an interrupted "
+                        "run from there; a continued run keeps its own chunk size)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again when OUT.parts/ holds unfinished samples of a different command (otherwise "
+                        "refused, naming the differing argument)")
+
+
+#: The options of ``ddpm sample`` / ``ddpm eval fid`` the images depend on (not the batch size,
+#: progress or output paths). Missing attributes are simply absent.
+IDENTITY_OPTIONS = ("n", "seed", "sampler", "steps", "spacing", "eta", "clip", "var", "order", "class_spec",
+                    "guidance", "precision", "compile", "cuda_graph", "conv")
+
+
+def command_identity(args: argparse.Namespace, device) -> dict:
+    """The identity of a sampling command (for :func:`ddpm.chunks.open_parts`): the checkpoint's
+    digest, the device type (CUDA and CPU generators draw different streams) and
+    :data:`IDENTITY_OPTIONS`, keyed by option name (``--class``, ``--steps``, ...)."""
+    import torch
+
+    from ..chunks import checkpoint_digest
+
+    ident: dict = {"--ckpt": checkpoint_digest(args.ckpt), "--device": torch.device(device).type}
+    for name in IDENTITY_OPTIONS:
+        if hasattr(args, name):
+            flag = "--class" if name == "class_spec" else "--" + name.replace("_", "-")
+            ident[flag] = getattr(args, name)
+    return ident

@@ -9,7 +9,8 @@ from ..atomic import atomic_write_json
 from ..cliutil import amp_dtype as _amp, check_suffix as _check_suffix, device as _device
 from ..errors import UserError
 from ..options import CLIP_CHOICES, REVERSE_VARIANCES, SAMPLE_PRECISIONS, SPLITS
-from .args import NONNEG, POS, Formatter, Parser, add_model_args, float_at_least
+from .args import (NONNEG, POS, Formatter, Parser, add_model_args, add_resume_args, command_identity,
+                   float_at_least)
 
 HELP = "bits/dim, rate-distortion, FID/IS/KID, digits quality"
 
@@ -78,6 +79,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="class-conditional --ckpt: balanced classes (image k asks for k mod C) at guidance W "
                         "(default 1: plain conditional)")
     f.add_argument("--out", default="fid.json", metavar="FILE.json", help="results")
+    add_resume_args(f)  # --chunk-size, --overwrite: the samples continue after a kill (ddpm.chunks)
     qd = esub.add_parser("quality", help="offline sample quality for the embedded digits (classifier features)",
                          formatter_class=Formatter)
     qd.add_argument("--ckpt", default=None, metavar="CKPT|RUN_DIR", help="model to sample from")
@@ -232,9 +234,13 @@ def _samples_from(args: argparse.Namespace, n: int):
     if guidance is not None and cfg.model.num_classes == 0:
         raise UserError(f"--guidance: {args.ckpt} is an unconditional model (model.num_classes=0); "
                         f"guidance needs a class-conditional one")
+    resume = {}
+    if hasattr(args, "overwrite"):  # ddpm eval fid: finished chunks kept in OUT.parts/ (ddpm.chunks)
+        resume = dict(resume_at=args.out, identity=command_identity(args, dev), overwrite=args.overwrite,
+                      chunk=args.chunk_size)
     images = generate_samples(diffusion, model, n, shape, seed=args.seed, batch_size=args.batch_size, device=dev,
                               amp_dtype=_amp(args.precision), progress=True, num_classes=cfg.model.num_classes,
-                              guidance=guidance)
+                              guidance=guidance, **resume)
     return images, cfg
 
 
@@ -249,6 +255,10 @@ def _eval_fid(args: argparse.Namespace) -> None:
     res = compute_fid(samples, ref, split=args.split, cache_dir=args.cache_dir,
                       inception_weights=args.inception_weights, batch_size=args.batch_size, device=_device(args.device))
     atomic_write_json(out, res)
+    if args.ckpt is not None:
+        from ..chunks import finish
+
+        finish(out)  # the result is written: the sample chunks go
     print("  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()))
     print(f"wrote {out}")
 

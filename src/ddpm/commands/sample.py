@@ -7,10 +7,10 @@ import argparse
 from pathlib import Path
 
 from ..atomic import atomic_write_npz
-from ..cliutil import amp_dtype as _amp, check_suffix as _check_suffix, device as _device
+from ..cliutil import amp_dtype as _amp, check_suffix as _check_suffix
 from ..errors import UserError
 from ..options import CLIP_CHOICES, CONV_MODES, REVERSE_VARIANCES, TIMESTEP_SPACINGS
-from .args import NONNEG, POS, Formatter, add_model_args, float_at_least
+from .args import NONNEG, POS, Formatter, add_model_args, add_resume_args, command_identity, float_at_least
 
 HELP = "draw samples from a checkpoint"
 
@@ -65,13 +65,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "Winograd for >= 128 channels); winograd = always for >= 128 channels (rounding a few "
                         "times the direct one's); direct = oneDNN")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_resume_args(s)  # --chunk-size, --overwrite (ddpm.chunks)
     return s
 
 
 def run(args: argparse.Namespace) -> None:
     from ..api import load
-    from ..images import grid_scale, save_grid, to_uint8
-    from ..sampling import sample
+    from ..images import grid_scale, save_grid
     from ..speed import Speed
 
     out = _check_suffix(args.out, ".npz", "--out")
@@ -79,7 +79,10 @@ def run(args: argparse.Namespace) -> None:
     if args.conv == "winograd" and args.compile:
         raise UserError("--conv winograd cannot be combined with --compile (inductor compiles the direct "
                         "convolution); drop one of them")
-    dev = _device(args.device)
+    from .. import distributed as D
+
+    env = D.setup(args.device)  # under torchrun: join the group; rank r draws the chunks c mod W == r
+    dev = env.device
     model, diffusion, cfg, _ = load(args.ckpt, device=dev)
     T = diffusion.num_timesteps
     if args.steps is not None and args.steps > T:
@@ -119,11 +122,19 @@ def run(args: argparse.Namespace) -> None:
         if args.sampler in ("ancestral", "ddim"):
             raise UserError(f"--order applies to the solvers (unipc: 2 or 3), not --sampler {args.sampler}")
         var_options = {**(var_options or {}), "order": args.order}
-    x = sample(diffusion, model, shape, seeds, batch_size=args.batch_size, sampler=args.sampler,
-               steps=args.steps, eta=args.eta, model_kwargs=model_kwargs, guidance=guidance,
-               sampler_options=var_options, spacing=getattr(args, "spacing", "trailing"),
-               clip_denoised=getattr(args, "clip", "on") == "on", **common)
-    images = to_uint8(x)
+    from ..chunks import finish, run_chunked, sampling_chunks
+
+    # finished chunks kept in OUT.parts/: the same command continues after a kill (ddpm.chunks)
+    make = sampling_chunks(diffusion, model, shape, args.seed, labels=labels, model_kwargs=model_kwargs,
+                           sampler=args.sampler, steps=args.steps, eta=args.eta, guidance=guidance,
+                           sampler_options=var_options, spacing=getattr(args, "spacing", "trailing"),
+                           clip_denoised=getattr(args, "clip", "on") == "on", **{**common, "progress": False})
+    images = run_chunked(out, command_identity(args, dev), args.n, make, batch_size=args.batch_size,
+                         chunk=args.chunk_size, overwrite=args.overwrite, progress=not args.no_progress,
+                         write_out=False)["arr_0"]
+    if not env.is_main:  # rank 0 writes the file, the grid and the figures
+        D.teardown(env)
+        return
     if labels is None:
         atomic_write_npz(out, arr_0=images)  # uint8 NHWC under arr_0
         save_grid(images[:64], grid, scale=grid_scale(cfg.model.resolution))
@@ -134,6 +145,8 @@ def run(args: argparse.Namespace) -> None:
         save_grid(cells, grid, nrow=cols, scale=grid_scale(cfg.model.resolution))
         print(f"wrote {len(images)} samples of classes {sorted(set(labels.tolist()))} at guidance W={weight:g} to "
               f"{out} (uint8 NHWC arr_0, int64 labels arr_1) and a grid (one row per class) to {grid}")
+    finish(out)  # OUT is complete: its chunks go
+    D.teardown(env)  # (a no-op without torchrun)
     stem = out.with_suffix("")
     if args.progressive or args.chains or args.interpolate:
         from ..evaluate import figures

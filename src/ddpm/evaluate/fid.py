@@ -451,30 +451,45 @@ def generate_samples(diffusion, model, n: int, image_shape: Sequence[int], *, se
                      batch_size: int = 256, device: str | torch.device = "cpu", amp_dtype=None,
                      progress: bool = False, gather: bool = True, rank: int | None = None,
                      world_size: int | None = None, num_classes: int = 0,
-                     guidance: float | None = None) -> np.ndarray:
+                     guidance: float | None = None, resume_at: str | os.PathLike | None = None,
+                     identity: dict | None = None, overwrite: bool = False, chunk: int | None = None,
+                     log: Callable[[str], Any] = print) -> np.ndarray:
     """Draw ``n`` samples (Algorithm 2) split over ranks; uint8 [N, H, W, C] in seed order.
 
     Image k uses seed ``seed + k`` whatever the number of ranks (:func:`rank_seeds`), so the set
     is the one a single process draws. ``image_shape`` is (C, H, W). ``rank``/``world_size``
     default to the process group. With ``gather`` (needs a process group when world_size > 1)
-    every rank receives all N images; otherwise each rank returns only its shard.
+    every rank receives all N images; otherwise each rank returns only its shard. A batch that
+    runs out of device memory is halved (the same images).
 
     A class-conditional model (``num_classes`` C > 0) draws balanced classes: image k asks for
     class k mod C (whatever the rank), at classifier-free guidance ``guidance`` (None or 1: the
     plain conditional model).
-    """
-    from ddpm.images import to_uint8
-    from ddpm.sampling import sample
 
+    ``resume_at``: a path OUT whose ``OUT.parts/`` keeps finished chunks (:mod:`ddpm.chunks`), so
+    that a killed run continues where it stopped (``identity``: the arguments the samples belong
+    to; ``overwrite``: start again when they differ; ``chunk``: images per chunk). Every rank
+    then gets all N images; the caller removes the chunks with :func:`ddpm.chunks.finish` once
+    its result is written. Under a process group, rank r draws chunks c mod W == r.
+    """
+    from ddpm import chunks
+
+    y_all = None if num_classes <= 0 else np.arange(n, dtype=np.int64) % num_classes
+    w = None if num_classes <= 0 or guidance is None or guidance == 1 else float(guidance)
+    make_all = chunks.sampling_chunks(diffusion, model, tuple(image_shape), seed,
+                                      model_kwargs=None if y_all is None else {"y": torch.as_tensor(y_all)},
+                                      device=device, amp_dtype=amp_dtype, guidance=w,
+                                      progress=progress and resume_at is None)
+    if resume_at is not None:
+        ident = {"--n": n, "--seed": seed, "--classes": num_classes, "--guidance": w, **(identity or {})}
+        return chunks.run_chunked(resume_at, ident, n, make_all, batch_size=batch_size,
+                                  chunk=chunk or chunks.DEFAULT_CHUNK, overwrite=overwrite, progress=progress,
+                                  log=log, write_out=False, desc="FID samples")["arr_0"]
     seeds = rank_seeds(n, seed, rank, world_size)
     if seeds:
-        kwargs, w = None, None
-        if num_classes > 0:
-            kwargs = {"y": torch.as_tensor([(s - seed) % num_classes for s in seeds], dtype=torch.int64)}
-            w = None if guidance is None or guidance == 1 else float(guidance)
-        x = sample(diffusion, model, tuple(image_shape), seeds, batch_size=batch_size, device=device,
-                   amp_dtype=amp_dtype, progress=progress, model_kwargs=kwargs, guidance=w)
-        local = to_uint8(x)  # sample() returns float32 [N, C, H, W] in [-1, 1]
+        lo = seeds[0] - seed  # this rank's contiguous block of image indices
+        draw = chunks.halving_batches(make_all, batch_size, log)
+        local = draw(lo, lo + len(seeds))["arr_0"]
     else:
         c, h, w = image_shape
         local = np.zeros((0, h, w, c), np.uint8)

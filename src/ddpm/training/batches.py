@@ -38,15 +38,21 @@ class _LocalBatches(Dataset):
 
     def __init__(self, dataset):
         self.dataset = dataset
+        self.base = int(getattr(dataset, "skipped", 0))  # the main process's count, copied into workers
 
     def __len__(self) -> int:  # not used for sampling; DataLoader only needs __getitem__
         return len(self.dataset)
 
-    def __getitem__(self, item) -> torch.Tensor:
+    def __getitem__(self, item) -> tuple[torch.Tensor, int, int]:
+        """(uint8 batch, worker id, bad images this worker skipped so far: see BatchSource.skipped_images)."""
+        from torch.utils.data import get_worker_info
+
         from ..data import apply_flips
 
         indices, flips = item
-        return torch.from_numpy(np.ascontiguousarray(apply_flips(_gather(self.dataset, indices), flips)))
+        batch = torch.from_numpy(np.ascontiguousarray(apply_flips(_gather(self.dataset, indices), flips)))
+        info = get_worker_info()
+        return batch, (info.id if info is not None else -1), int(getattr(self.dataset, "skipped", 0)) - self.base
 
 
 class _LocalStream:
@@ -109,11 +115,33 @@ class BatchSource:
         self.images = self.images.to(device)
         self._iter = None
         return self.images.numel() * self.images.element_size()
+        self._worker_skips: dict[int, int] = {}
+
+    @property
+    def skipped_images(self) -> int:
+        """Bad images skipped so far (``data.skip_bad_images``), in this process and its workers."""
+        return int(getattr(self.dataset, "skipped", 0)) + sum(self._worker_skips.values())
+
+    def _fingerprint(self) -> dict:
+        """What identifies the data beyond its length: a prepared array's recorded sha256."""
+        meta = getattr(self.dataset, "meta", None)
+        sha = meta.get("sha256") if isinstance(meta, dict) else None
+        return {"data_sha256": str(sha), "data_count": len(self.dataset)} if sha else {}
 
     def state_dict(self) -> dict:
-        return self.sampler.state_dict()
+        return {**self.sampler.state_dict(), **self._fingerprint()}
 
     def load_state_dict(self, state: dict) -> None:
+        now = self._fingerprint()
+        if isinstance(state, dict) and "data_sha256" in state and now and (
+                state["data_sha256"], state.get("data_count")) != (now["data_sha256"], now["data_count"]):
+            from ..errors import DataError
+
+            src = getattr(self.dataset, "source", "the data")
+            raise DataError(f"--data {src}: the prepared array changed since the checkpoint was written ("
+                            f"{state.get('data_count')} images, sha256 {str(state['data_sha256'])[:12]} there; "
+                            f"{now['data_count']} images, sha256 {now['data_sha256'][:12]} now); resume with the "
+                            f"data the run was trained on, or start a new run with another --out")
         self.sampler.load_state_dict(state)
         self._iter = None
 
@@ -143,13 +171,20 @@ class BatchSource:
         if self.num_workers == 0:
             from ..data import apply_flips
 
+            before = self.sampler.state_dict()
             indices, flips = self.sampler.next()
             idx, fl = np.asarray(indices)[self.lo:self.hi], np.asarray(flips)[self.lo:self.hi]
+            try:
+                images = _gather(self.dataset, idx)
+            except BaseException:  # e.g. a file deleted under the run: the batch stays unconsumed
+                self.sampler.load_state_dict(before)
+                raise
             self._note_labels(idx)
-            return torch.from_numpy(np.ascontiguousarray(apply_flips(_gather(self.dataset, idx), fl)))
+            return torch.from_numpy(np.ascontiguousarray(apply_flips(images, fl)))
         if self._iter is None:
             self._start_workers()
-        batch = next(self._iter)
+        batch, worker, skips = next(self._iter)
+        self._worker_skips[worker] = skips
         indices, _ = self.sampler.next()  # the checkpointed position follows consumption, not prefetch
         self._note_labels(np.asarray(indices)[self.lo:self.hi])  # the consumed batch's own indices
         return batch

@@ -38,7 +38,8 @@ from .. import distributed as D
 from ..atomic import remove_stale_temps
 from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import Config
-from ..errors import CheckpointError, ConfigError, UserError
+from ..diskspace import check_room, checkpoint_bytes
+from ..errors import CheckpointError, ConfigError, DataError, UserError
 from ..fast import train_channels_last
 from ..winograd import winograd_convs
 from . import layout
@@ -46,6 +47,7 @@ from .ema import EMA
 from .hostsync import host_reads
 from .lock import RunLock, RunLockedError
 from .observe import LiveReport, MetricsWriter, Progress, Window, write_sample_grid
+from .oom import SplitOnOOM
 from .optim import make_optimizer
 from .precision import resolve_precision
 from .state import (RunFolder, check_resume_compatible, check_train_meta, find_resume_checkpoint, refuse_overwrite,
@@ -317,17 +319,21 @@ class _Trainer:
             if bad:  # cannot happen with the skip guard; never persist NaNs
                 raise NonFiniteLossError(f"refusing to write a checkpoint with non-finite values in {bad[:3]}")
             path = self.run_dir.checkpoint_path(counters.step)
+            check_room(path.parent, checkpoint_bytes(tensors), f"checkpoint {path.name}", self.log)
             try:
                 save_checkpoint(path, tensors, meta)
                 self.run_dir.set_latest(path)
                 gone = self.run_dir.rotate(self.cfg.train.keep_last)
             except CheckpointError as e:
-                raise CheckpointError(f"stopping: {e}") from None
+                hint = (f"; continue with ddpm train --out {self.run_dir.root} --resume auto once there is space"
+                        if any(w in str(e).lower() for w in ("no space left", "quota exceeded")) else "")
+                raise CheckpointError(f"stopping: {e}{hint}") from None
             except OSError as e:
                 raise CheckpointError(f"stopping: could not update {self.run_dir.ckpt_dir}: "
                                       f"{e.strerror or e}") from None
             for g in gone:
                 self.log(f"removed old checkpoint {g.name} (keep_last={self.cfg.train.keep_last})")
+            check_room(path.parent, path.stat().st_size, "the next checkpoint", self.log)  # warn early
             return str(path)
 
         return _rank0(self.env, write)
@@ -351,7 +357,7 @@ class _Trainer:
         with host_reads("setup"):
             path, tensors, meta = self._choose_start(resume)
             parts = self.parts = self._build()
-            batches = self._open_data()
+            batches = self.batches = self._open_data()
             if path is not None:
                 counters = self._restore(parts, batches, path, tensors, meta)
                 del tensors
@@ -371,6 +377,8 @@ class _Trainer:
         pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, StepResult.record()) not yet read
         stopped_by = 0
         report = LiveReport(self.run_dir.root, tc.report_every, self.log) if env.is_main else None
+        # a batch that runs out of device memory is split into micro-batches (ddpm.training.oom)
+        step_fn = SplitOnOOM(lambda p, b, s: train_step(p, b, s), self.log, env.world_size)
         with contextlib.ExitStack() as stack:
             # Kept open for the whole run: its scratch memory is allocated once, not at every step.
             # Not under torch.compile, which compiles the direct convolution.
@@ -382,11 +390,14 @@ class _Trainer:
                 stack.callback(writer.close)
             stopped_by = self._poll(last_save)[0] if counters.step < tc.total_steps else 0
             while counters.step < tc.total_steps and not stopped_by:
-                x0, kwargs = self._next_batch(batches)
+                try:
+                    x0, kwargs = self._next_batch(batches)
+                except DataError as e:  # the data changed under the run: keep the finished steps
+                    raise self._data_failed(e, parts, batches, counters, saved_step, last_ckpt) from None
                 if self.graph is not None:
                     result = self.graph(Batch(x0, kwargs), counters.step)
                 else:
-                    result = train_step(parts, Batch(x0, kwargs), counters.step)
+                    result = step_fn(parts, Batch(x0, kwargs), counters.step)
                 counters.step += 1
                 pending.append((counters.step, result.lr, result.record()))
                 window.tick(tc.batch_size)
@@ -396,6 +407,8 @@ class _Trainer:
                     self._flush(pending, counters, window, shown, last_ckpt)
                 if log_now:
                     rec = window.record(counters.step, result.lr, counters.skipped, time.perf_counter() - t_start)
+                    if self.cfg.data.skip_bad_images:  # bad image files skipped so far (this process)
+                        rec["skipped_images"] = self.batches.skipped_images
                     shown["last"] = rec["loss"]
                     if writer is not None:
                         writer.write(rec)
@@ -435,6 +448,18 @@ class _Trainer:
                 "skipped_nonfinite": counters.skipped, "loss": last_loss,
                 "steps_per_s": done / elapsed if done and elapsed > 0 else None,
                 "rank": env.rank, "world_size": env.world_size, "stopped_by": stopped_by or None}
+
+    def _data_failed(self, e: DataError, parts: TrainParts, batches, counters: layout.Counters,
+                     saved_step: int | None, last_ckpt: str | None) -> DataError:
+        """A batch could not be read (a file deleted, truncated or replaced during the run): write
+        a checkpoint of the last finished step (one process only: a collective save would wait for
+        ranks that did not fail) and return the error to raise, saying how to continue."""
+        if not self.env.distributed and counters.step > 0 and saved_step != counters.step:
+            last_ckpt = self._save(parts, batches, counters)
+        where = (f"; checkpoint {last_ckpt} (step {counters.step}); fix or remove the file (or set "
+                 f"data.skip_bad_images=true) and continue with ddpm train --out {self.run_dir.root} --resume auto"
+                 if last_ckpt else "")
+        return DataError(f"stopping at step {counters.step}: {e}{where}")
 
     def _next_batch(self, batches) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """This rank's next batch on the device: x0 float32 [b, C, H, W] and the model kwargs.

@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 
+from ..diskspace import append_line
+
 N_QUARTILES = 4
 
 
@@ -131,8 +133,7 @@ class MetricsWriter:
 
     def write(self, rec: dict[str, Any]) -> None:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in rec.items()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(clean) + "\n")
+        append_line(self.path, json.dumps(clean) + "\n")  # a full disk: no torn record (ddpm.diskspace)
         if self._tb is not None:
             for k, v in clean.items():
                 if k not in ("step", "time") and isinstance(v, (int, float)) and v is not None:
