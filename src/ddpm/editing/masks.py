@@ -19,11 +19,9 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ConfigError, DataError, suggest
+from ..options import MASK_REGIONS as REGIONS
 
 __all__ = ["REGIONS", "region_mask", "random_mask", "check_mask", "load_mask", "describe_spec"]
-
-REGIONS = ("left", "right", "top", "bottom", "center", "border")
-
 
 def region_mask(name: str, height: int, width: int) -> np.ndarray:
     """float32 [H, W], 1 where a named region is generated.
