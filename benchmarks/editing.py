@@ -17,7 +17,7 @@ On the first ``--n`` images of the digits TEST split (297 = all of it):
 
 Results are written after every measurement (a partial JSON survives an interrupted run), to
 ``--out`` (default bench_results/editing_<time>.json). ``--figure`` writes a PNG: per region, rows
-input / masked input (grey) / R = 1 / RePaint for the first 10 test digits, enlarged x4.
+input / masked input (grey) / R = 1 / RePaint for the first 10 test digits.
 """
 
 from __future__ import annotations
@@ -118,12 +118,17 @@ def run(args) -> dict:
 
 
 def _figure(shown: dict, path: str) -> None:
-    """Rows per region: input, grey-masked input, then each method's result (10 digits each)."""
-    from ddpm.images import save_grid
+    """Labelled rows per region: input, grey-masked input, then each method's result (10 digits)."""
+    from ddpm.editio import comparison_grid
 
-    rows = [row for region in REGIONS for row in shown[region]]
+    names = {2: "R=1", 3: "RePaint"}
+    rows, labels = [], []
+    for region in REGIONS:
+        for i, r in enumerate(shown[region]):
+            rows.append(r)
+            labels.append(f"{region}: " + (["input", "masked", "R=1", "RePaint"][i] if i < 4 else names.get(i, "")))
     width = min(len(r) for r in rows)
-    save_grid(np.concatenate([r[:width] for r in rows]), path, nrow=width, scale=4)
+    comparison_grid([r[:width] for r in rows], labels, path)
 
 
 def main(argv=None) -> None:

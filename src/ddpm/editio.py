@@ -19,7 +19,7 @@ import numpy as np
 
 from .errors import ConfigError, DataError
 
-__all__ = ["read_images", "labels_for", "comparison_grid"]
+__all__ = ["read_images", "labels_for", "comparison_grid", "read_latents"]
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -121,3 +121,53 @@ def comparison_grid(rows: list[np.ndarray], names: list[str], path, max_cols: in
     k = min(max_cols, len(rows[0]))
     x = torch.stack([to_model(r[:k]) for r in rows])
     save_labelled_grid(x, path, row_labels=names, title=title, cell_inches=0.6)
+
+
+def read_latents(path: str, shape: tuple[int, int, int]):
+    """(float32 tensor [N, C, H, W], {"steps": K or None, "spacing": str or None}) from ``--x-T``.
+
+    ``path``: an .npz written by ``ddpm encode`` (``arr_0`` plus its ``steps``/``spacing``) or any
+    .npz/.npy of float [N, C, H, W] with C, H, W the model's; DataError otherwise.
+    """
+    import torch
+
+    p = Path(os.path.expanduser(str(path)))
+    if p.suffix.lower() not in (".npz", ".npy") or not p.is_file():
+        raise DataError(f"--x-T {path}: expected an existing .npz (from ddpm encode) or .npy of latents [N, "
+                        f"{', '.join(map(str, shape))}]")
+    meta: dict = {"steps": None, "spacing": None}
+    try:
+        if p.suffix.lower() == ".npy":
+            z = np.load(p, allow_pickle=False)
+        else:
+            with np.load(p, allow_pickle=False) as f:
+                key = "arr_0" if "arr_0" in f.files else (f.files[0] if f.files else None)
+                if key is None:
+                    raise DataError(f"--x-T {path}: the .npz holds no array; expected latents under arr_0")
+                z = f[key]
+                if "steps" in f.files:
+                    meta["steps"] = int(f["steps"]) or None
+                if "spacing" in f.files:
+                    meta["spacing"] = str(f["spacing"])
+    except (OSError, ValueError) as e:
+        raise DataError(f"--x-T {path}: cannot read it ({e}); expected latents written by ddpm encode") from None
+    z = np.asarray(z)
+    if z.dtype.kind != "f" or z.ndim != 4 or tuple(z.shape[1:]) != tuple(shape) or len(z) == 0:
+        raise DataError(f"--x-T {path}: holds {z.dtype} {list(z.shape)}; expected float latents "
+                        f"[N, {', '.join(map(str, shape))}] for this model")
+    if not np.isfinite(z).all():
+        raise DataError(f"--x-T {path}: latents contain NaN or infinity")
+    return torch.from_numpy(np.array(z, dtype=np.float32)), meta
+
+
+def latents_note(meta: dict, steps: Optional[int], spacing: str, sampler: str, clip: bool, T: int) -> Optional[str]:
+    """A one-line hint when ``ddpm sample --x-T`` decodes ``ddpm encode`` latents on another chain
+    than they were encoded on (steps, spacing), or not as the exact inverse (DDIM, clipping off)."""
+    if meta.get("spacing") is None:
+        return None
+    K = meta.get("steps") or T
+    same = (steps or T) == K and (spacing == meta["spacing"] or K == T) and sampler == "ddim" and not clip
+    if same:
+        return None
+    return (f"note: these latents were encoded with {K} DDIM steps ({meta['spacing']}); decode them exactly with "
+            f"--sampler ddim --steps {K} --spacing {meta['spacing']} --clip off")
