@@ -20,6 +20,8 @@ COMMANDS: dict[str, str] = {
     "convert": "convert",
     "data": "data",
     "config": "config",
+    "edit": "edit",
+    "encode": "encode",
 }
 
 

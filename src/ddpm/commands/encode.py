@@ -12,51 +12,50 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .cliutil import amp_dtype, check_suffix, device as choose_device
-from .errors import UserError
-from .options import SAMPLE_PRECISIONS, TIMESTEP_SPACINGS
+from ..cliutil import amp_dtype, check_suffix, device as choose_device
+from ..errors import UserError
+from ..options import TIMESTEP_SPACINGS
+from .args import NONNEG, POS, Formatter, add_model_args, float_at_least
+
+HELP = "real images -> DDIM latents (deterministic inversion)"
 
 
-def add_parser(sub, fmt=None, parser_class=None, pos=int, nonneg=int) -> None:
-    e = sub.add_parser("encode", help="real images -> DDIM latents (deterministic inversion)", formatter_class=fmt,
+def add_parser(sub):
+    e = sub.add_parser("encode", help=HELP, formatter_class=Formatter,
                        description="Encode real images to DDIM latents x_T (Song et al. 2021; eta 0, clipping "
                                    "off). Decode with: ddpm sample --ckpt C --x-T LATENTS.npz --sampler ddim "
                                    "--steps K --clip off. The round trip improves as K grows. Ctrl-C stops "
                                    "(exit 130) without writing anything.")
-    e.add_argument("--ckpt", required=True, metavar="CKPT|RUN_DIR",
-                   help="checkpoint file, or a run folder (its latest checkpoint, EMA weights)")
+    add_model_args(e)
     e.add_argument("--images", required=True, metavar="SRC",
                    help="test | train (the run's own data), an image folder, an image file, or .npz/.npy of uint8 "
                         "images at the model's size")
     e.add_argument("--out", required=True, metavar="LATENTS.npz", help="latents (float32 NCHW under arr_0)")
-    e.add_argument("--steps", type=pos, default=None, help="K kept steps (default: all T)")
+    e.add_argument("--steps", type=POS, default=None, help="K kept steps (default: all T)")
     e.add_argument("--spacing", default="trailing", choices=TIMESTEP_SPACINGS, help="which steps --steps keeps")
-    e.add_argument("--n", type=pos, default=None, help="encode only the first N images (default: all)")
+    e.add_argument("--n", type=POS, default=None, help="encode only the first N images (default: all)")
     e.add_argument("--resize", action="store_true",
                    help="convert, centre-crop and area-resize images of another size or channel count to the model's")
     e.add_argument("--class", dest="class_spec", default=None, metavar="C|C,C,...|all",
                    help="class labels for a class-conditional model (default: the images' own labels)")
-    e.add_argument("--guidance", type=float, default=None, metavar="W", help="classifier-free guidance weight W")
+    e.add_argument("--guidance", type=float_at_least(0.0), default=None, metavar="W", help="classifier-free guidance weight W")
     e.add_argument("--interpolate", action="store_true",
                    help="also decode a spherical interpolation of the first two images' latents (11 points) "
                         "beside the stochastic-encoder one (DDPM section 4.4), to OUT_interpolation.png")
-    e.add_argument("--interp-t", type=nonneg, default=None, help="0-based step of the stochastic-encoder row "
+    e.add_argument("--interp-t", type=NONNEG, default=None, help="0-based step of the stochastic-encoder row "
                                                                   "(default T/2)")
-    e.add_argument("--seed", type=nonneg, default=0, help="seed of the stochastic-encoder row")
-    e.add_argument("--batch-size", type=pos, default=64, help="images per network call")
-    e.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available, else cpu)")
-    e.add_argument("--precision", default="fp32", choices=SAMPLE_PRECISIONS, help="network precision")
     e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return e
 
 
 def run(args) -> None:
     import numpy as np
 
-    from .api import load
-    from .atomic import atomic_write_npz
-    from .editing import ddim_invert
-    from .editio import labels_for, read_images
-    from .images import to_model
+    from ..api import load
+    from ..atomic import atomic_write_npz
+    from ..editing import ddim_invert
+    from ..editio import labels_for, read_images
+    from ..images import to_model
 
     out = check_suffix(args.out, ".npz", "--out")
     dev = choose_device(args.device)
@@ -91,8 +90,8 @@ def run(args) -> None:
     print(f"wrote {len(z)} DDIM latents ({K} steps, {args.spacing}) to {out}; decode with: ddpm sample --ckpt "
           f"{args.ckpt} --x-T {out} --sampler ddim --steps {K} --spacing {args.spacing} --clip off")
     if rows is not None:
-        from .evaluate import figures
-        from .images import grid_scale
+        from ..evaluate import figures
+        from ..images import grid_scale
 
         figures.save_interpolation(x0[0], x0[1], rows, _LAMBDAS, interp_path, scale=grid_scale(cfg.model.resolution))
         print(f"wrote the interpolation of images 0 and 1 (row 1: DDIM latents, slerp; row 2: stochastic encoder "
@@ -106,8 +105,8 @@ def _interpolation(diffusion, model, pair, latents, args, T, common):
     """[2, 11, C, H, W]: DDIM-latent slerp decoded, and the stochastic encoder's mix (unconditional)."""
     import torch
 
-    from .editing import ddim_decode, slerp
-    from .sampling import interpolate
+    from ..editing import ddim_decode, slerp
+    from ..sampling import interpolate
 
     kw = {k: common[k] for k in ("device", "amp_dtype", "progress")}
     ddim = ddim_decode(diffusion, model, slerp(latents[0], latents[1], _LAMBDAS), steps=args.steps,
