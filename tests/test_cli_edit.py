@@ -167,3 +167,14 @@ def test_x_T_mistakes(ckpt, inputs, tmp_path, capsys):
     out.mkdir()
     rc, _, err = _run(["sample", "--ckpt", str(ckpt), "--x-T", str(bad), "--out", str(out / "s.npz")], capsys)
     assert rc == 2 and "--x-T" in err and "[N, 1, 8, 8]" in err and list(out.iterdir()) == []
+
+
+def test_ctrl_c_exits_130_and_writes_nothing(ckpt, inputs, tmp_path, capsys, monkeypatch):
+    import ddpm.editing
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(ddpm.editing, "inpaint", interrupted)
+    rc, _, err = _run(["edit", "inpaint", "--ckpt", str(ckpt), "--images", str(inputs / "digits.npz"), "--mask", "top",
+                       "--out", str(tmp_path / "o.npz")], capsys)
+    assert rc == 130 and "interrupted" in err and list(tmp_path.iterdir()) == []
