@@ -1,13 +1,15 @@
 """Editing real digits without a human judge: inpainting agreement and DDIM round-trip RMSE.
 
-    python benchmarks/editing.py RUN_DIR [--n 297] [--steps-list 20,50,200] [--figure PNG] [--out JSON]
+    python benchmarks/editing.py RUN_DIR [--n 297] [--repaint-steps K] [--steps-list 20,50,200]
+        [--parts replacement-full,replacement,repaint,invert] [--figure PNG] [--out JSON]
 
 RUN_DIR is a trained ``digits`` run (``make demo``) or one of its checkpoints (EMA weights).
 On the first ``--n`` images of the digits TEST split (297 = all of it):
 
-* inpainting (:func:`ddpm.editing.inpaint`, full T-step chain, seeds 0..n-1) with the bottom
-  half and with the right half generated, for the replacement method (R = 1) and RePaint's
-  default jump J = 10, R = 10 resamplings (``--repaint J,R``); each result is scored by the
+* inpainting (:func:`ddpm.editing.inpaint`, seeds 0..n-1) with the bottom half and with the
+  right half generated, for the replacement method (R = 1) and RePaint's default jump J = 10,
+  R = 10 resamplings (``--repaint J,R``) on a chain of ``--repaint-steps`` kept steps (default
+  the full T; R = 1 also on the full chain when that is shorter); each result is scored by the
   classifier of ``ddpm eval quality`` (:mod:`ddpm.evaluate.digits_quality`, trained on the TRAIN
   split): the share classified as the image's true label, beside the same classifier on the
   original images (ceiling) and on the input with the region filled with grey 128 (floor);
@@ -68,6 +70,7 @@ def run(args) -> dict:
     labels = np.asarray(digits_labels("test"), np.int64)[:len(u8)]
     x0 = to_model(u8)
     N, T = len(u8), diffusion.num_timesteps
+    args.repaint_steps = args.repaint_steps or T
     J, R = args.repaint
     out_path = result_path(args.out, "editing")
     res: dict = {"run": str(args.run), "step": loaded.meta.get("step"), "n": N, "num_timesteps": T,
@@ -76,7 +79,6 @@ def run(args) -> dict:
     _log(f"{N} test digits; classifier on the originals: {res['ceiling_original']:.3f}")
     common = dict(batch_size=args.batch_size, progress=not args.no_progress)
     shown = {}
-    plans = [("replacement", 1, 1)] + [("repaint", R, J)]
     for region in REGIONS:
         gen = np.broadcast_to(region_mask(region, *u8.shape[1:3])[None, None], (N, 1, *u8.shape[1:3]))
         floor = _agreement(_grey_fill(u8, gen), labels)
@@ -84,23 +86,32 @@ def run(args) -> dict:
         shown[region] = [u8[:10], _grey_fill(u8[:10], gen[:10])]
         _log(f"{region}: grey-filled floor {floor:.3f}")
     write_json(out_path, res)
-    order = [(p, r) for p in plans for r in REGIONS]  # both R = 1 first: they are 10x cheaper
-    for (name, r_, j_), region in order:
-        if name == "repaint" and args.skip_repaint:
-            continue
+    # (name, R, J, kept steps K): the replacement method on the full chain and on RePaint's chain
+    plans = []
+    if "replacement-full" in args.parts and args.repaint_steps != T:
+        plans += [("replacement", 1, 1, T)]
+    if "replacement" in args.parts:
+        plans += [("replacement", 1, 1, args.repaint_steps)]
+    if "repaint" in args.parts:
+        plans += [("repaint", R, J, args.repaint_steps)]
+    for (name, r_, j_, K), region in [(p, r) for p in plans for r in REGIONS]:
         gen = torch.from_numpy(region_mask(region, *u8.shape[1:3]))[None, None]
         t0 = time.perf_counter()
-        x = inpaint(diffusion, model, x0, gen, range(N), resample=r_, jump=j_, **common)
+        x = inpaint(diffusion, model, x0, gen, range(N), resample=r_, jump=j_, steps=None if K == T else K, **common)
         secs = time.perf_counter() - t0
         got = to_uint8(x)
         acc = _agreement(got, labels)
-        res["inpaint"][region][f"{name}_R{r_}_J{j_}"] = {"agreement": acc, "network_calls_per_image":
-                                                        count_calls(T, j_, r_), "seconds_under_load": round(secs)}
-        shown[region].append(got[:10])
-        _log(f"{region} {name} (R={r_}, J={j_}, {count_calls(T, j_, r_)} calls): agreement {acc:.3f} ({secs:.0f} s)")
+        res["inpaint"][region][f"{name}_R{r_}_J{j_}_K{K}"] = {
+            "agreement": acc, "network_calls_per_image": count_calls(K, j_, r_), "seconds_under_load": round(secs)}
+        if K == args.repaint_steps:
+            shown[region].append(got[:10])
+        _log(f"{region} {name} (R={r_}, J={j_}, {K}-step chain, {count_calls(K, j_, r_)} calls): agreement "
+             f"{acc:.3f} ({secs:.0f} s)")
         write_json(out_path, res)
-        if args.figure:
+        if args.figure and all(len(v) == 4 for v in shown.values()):
             _figure(shown, args.figure)
+    if "invert" not in args.parts:
+        args.steps_list = []
     for K in args.steps_list:
         t0 = time.perf_counter()
         steps = None if K == T else K
@@ -137,7 +148,10 @@ def main(argv=None) -> None:
     p.add_argument("--n", type=int, default=297, help="test digits (297 = the whole test split)")
     p.add_argument("--repaint", default="10,10", help="RePaint's J,R (jump, resamplings)")
     p.add_argument("--steps-list", default="20,50,200", help="K values of the DDIM round trip")
-    p.add_argument("--skip-repaint", action="store_true", help="only the R = 1 and inversion measurements")
+    p.add_argument("--repaint-steps", type=int, default=None, help="kept steps of RePaint's chain (default: all T)")
+    p.add_argument("--parts", default="replacement-full,replacement,repaint,invert",
+                   help="which measurements to run: replacement-full (R = 1 on the full chain, when "
+                        "--repaint-steps is shorter), replacement (R = 1 on RePaint's chain), repaint, invert")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--figure", default=None, help="PNG of inputs and completions")
     p.add_argument("--out", default=None, help="JSON result (default bench_results/editing_<time>.json)")
@@ -147,6 +161,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     args.repaint = tuple(int(v) for v in args.repaint.split(","))
     args.steps_list = [int(v) for v in args.steps_list.split(",")]
+    args.parts = set(args.parts.split(","))
     run(args)
 
 
