@@ -405,3 +405,15 @@ def test_load_mask_reads_files_folders_and_arrays(tmp_path):
         load_mask("random:1.5", 1, 4, 4, [0])
     with pytest.raises(ConfigError, match="no such file"):
         load_mask(str(tmp_path / "nope.png"), 1, 4, 4, [0])
+
+
+def test_interpolating_real_images_ends_at_the_images_when_inversion_is_exact():
+    from ddpm.editing import interpolate_latents
+
+    d = make()
+    x = to_model(_u8(2, seed=8))
+    out = interpolate_latents(d, ConstEps(0.3 * torch.randn(1, 1, 4, 4)), x[0], x[1], [0.0, 0.5, 1.0], steps=6)
+    assert out.shape == (3, 1, 4, 4)
+    torch.testing.assert_close(out[0], x[0], rtol=0, atol=3e-5)
+    torch.testing.assert_close(out[2], x[1], rtol=0, atol=3e-5)
+    assert (out[1] - x[0]).abs().max() > 0.05 and (out[1] - x[1]).abs().max() > 0.05
