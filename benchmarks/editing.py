@@ -129,17 +129,13 @@ def run(args) -> dict:
 
 
 def _figure(shown: dict, path: str) -> None:
-    """Labelled rows per region: input, grey-masked input, then each method's result (10 digits)."""
+    """Rows: for each region (bottom, then right) input, grey-masked input, R = 1, RePaint (10 digits)."""
     from ddpm.editio import comparison_grid
 
-    names = {2: "R=1", 3: "RePaint"}
-    rows, labels = [], []
-    for region in REGIONS:
-        for i, r in enumerate(shown[region]):
-            rows.append(r)
-            labels.append(f"{region}: " + (["input", "masked", "R=1", "RePaint"][i] if i < 4 else names.get(i, "")))
+    rows = [r for region in REGIONS for r in shown[region]]
+    labels = [f"{region[0].upper()}: {name}" for region in REGIONS for name in ("input", "masked", "R=1", "RePaint")]
     width = min(len(r) for r in rows)
-    comparison_grid([r[:width] for r in rows], labels, path)
+    comparison_grid([r[:width] for r in rows], labels, path, cell_inches=0.9)
 
 
 def main(argv=None) -> None:

@@ -109,8 +109,8 @@ def labels_for(num_classes: int, class_spec: Optional[str], guidance: Optional[f
     return kwargs, g, labels
 
 
-def comparison_grid(rows: list[np.ndarray], names: list[str], path, max_cols: int = 16, title: str | None = None
-                    ) -> None:
+def comparison_grid(rows: list[np.ndarray], names: list[str], path, max_cols: int = 16, title: str | None = None,
+                    cell_inches: float = 0.6) -> None:
     """A labelled PNG: one row per entry of ``rows`` (uint8 [N, H, W, C], same N), the first
     ``max_cols`` images side by side (e.g. input, masked input, result)."""
     import torch
@@ -120,7 +120,7 @@ def comparison_grid(rows: list[np.ndarray], names: list[str], path, max_cols: in
 
     k = min(max_cols, len(rows[0]))
     x = torch.stack([to_model(r[:k]) for r in rows])
-    save_labelled_grid(x, path, row_labels=names, title=title, cell_inches=0.6)
+    save_labelled_grid(x, path, row_labels=names, title=title, cell_inches=cell_inches)
 
 
 def read_latents(path: str, shape: tuple[int, int, int]):
