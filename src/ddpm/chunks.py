@@ -313,18 +313,19 @@ def run_chunked(out: str | Path, identity: Mapping[str, Any], n: int, make: Make
 
 
 def sampling_chunks(diffusion, model, shape, seed: int, *, labels: np.ndarray | None = None,
-                    model_kwargs: Mapping[str, Any] | None = None, **sample_kwargs) -> MakeChunk:
+                    model_kwargs: Mapping[str, Any] | None = None, x_T=None, **sample_kwargs) -> MakeChunk:
     """``make(lo, hi, batch)`` for :func:`run_chunked`: images lo..hi-1 drawn by
     :func:`ddpm.sampling.sample` from seeds ``seed + lo .. seed + hi - 1`` as uint8 NHWC ``arr_0``
     (and their class labels int64 ``arr_1`` when ``labels`` [n] is given). ``model_kwargs`` hold
-    one row per image of the whole job; ``sample_kwargs`` go to ``sample`` as they are."""
+    one row per image of the whole job, as do given start latents ``x_T`` [n, C, H, W] (``ddpm sample
+    --x-T``); ``sample_kwargs`` go to ``sample`` as they are."""
     from .images import to_uint8
     from .sampling import sample
 
     def make(lo: int, hi: int, batch: int) -> dict[str, np.ndarray]:
         kw = None if model_kwargs is None else {k: v[lo:hi] for k, v in model_kwargs.items()}
         x = sample(diffusion, model, shape, list(range(seed + lo, seed + hi)), batch_size=batch, model_kwargs=kw,
-                   **sample_kwargs)
+                   x_T=None if x_T is None else x_T[lo:hi], **sample_kwargs)
         arrays = {"arr_0": to_uint8(x)}
         if labels is not None:
             arrays["arr_1"] = np.asarray(labels[lo:hi], dtype=np.int64)

@@ -30,6 +30,7 @@ WEIGHTS = ("ema", "model")                      # which weights of a checkpoint
 SPLITS = ("train", "test")
 REVERSE_VARIANCES = ("model", "analytic")       # --var: the model's own or Analytic-DPM's (Bao et al. 2022)
 CLIP_CHOICES = ("on", "off", "both")            # ddpm eval steps --clip
+MASK_REGIONS = ("left", "right", "top", "bottom", "center", "border")  # ddpm edit inpaint --mask (generated part)
 
 # Model size families for one's own images (ddpm.sizes; `ddpm train --data X --size ...`).
 MODEL_SIZES = ("tiny", "small", "base")

@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "data": "data",
     "config": "config",
     "report": "report",
+    "edit": "edit",
+    "encode": "encode",
 }
 
 

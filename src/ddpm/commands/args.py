@@ -100,7 +100,7 @@ def add_resume_args(p: argparse.ArgumentParser) -> None:
 #: The options of ``ddpm sample`` / ``ddpm eval fid`` the images depend on (not the batch size,
 #: progress or output paths). Missing attributes are simply absent.
 IDENTITY_OPTIONS = ("n", "seed", "sampler", "steps", "spacing", "eta", "clip", "var", "order", "class_spec",
-                    "guidance", "precision", "compile", "cuda_graph", "conv")
+                    "guidance", "precision", "compile", "cuda_graph", "conv", "x_T")
 
 
 def command_identity(args: argparse.Namespace, device) -> dict:

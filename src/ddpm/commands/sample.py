@@ -51,6 +51,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="also write <out>_progressive.png: x0 predicted along the reverse process (Fig. 6)")
     s.add_argument("--chains", action="store_true",
                    help="also write <out>_chains.png: samples sharing x_T and noise until a split step (Fig. 7)")
+    s.add_argument("--x-T", dest="x_T", default=None, metavar="LATENTS.npz",
+                   help="start from these latents x_T (float [N, C, H, W], e.g. DDIM latents of real images from "
+                        "ddpm encode: decode them with --sampler ddim --steps K --clip off) instead of the seeds' "
+                        "noise; --n is then the number of latents")
     s.add_argument("--interpolate", action="store_true",
                    help="also write <out>_interpolation.png: two test images mixed at step t (Fig. 8/9)")
     s.add_argument("--interp-t", type=NONNEG, default=None, help="0-based step for --interpolate (default T/2)")
@@ -99,6 +103,15 @@ def run(args: argparse.Namespace) -> None:
                                     cfg.model.in_channels, n=2), dev)
         if len(pair) < 2:
             raise UserError(f"--data {args.data or cfg.data.source}: --interpolate needs at least 2 test images")
+    x_T = None
+    if args.x_T:  # given latents (e.g. ddpm encode's): one image per latent, the step noise still per seed
+        from ..editio import latents_note, read_latents
+
+        x_T, meta = read_latents(args.x_T, shape)
+        args.n = len(x_T)
+        note = latents_note(meta, args.steps, args.spacing, args.sampler, args.clip == "on", T)
+        if note:
+            print(note)
     seeds = list(range(args.seed, args.seed + args.n))
     from ..conditioning import class_grid, guided_call, sampling_labels
 
@@ -128,7 +141,8 @@ def run(args: argparse.Namespace) -> None:
     make = sampling_chunks(diffusion, model, shape, args.seed, labels=labels, model_kwargs=model_kwargs,
                            sampler=args.sampler, steps=args.steps, eta=args.eta, guidance=guidance,
                            sampler_options=var_options, spacing=getattr(args, "spacing", "trailing"),
-                           clip_denoised=getattr(args, "clip", "on") == "on", **{**common, "progress": False})
+                           clip_denoised=getattr(args, "clip", "on") == "on", x_T=x_T,
+                           **{**common, "progress": False})
     images = run_chunked(out, command_identity(args, dev), args.n, make, batch_size=args.batch_size,
                          chunk=args.chunk_size, overwrite=args.overwrite, progress=not args.no_progress,
                          write_out=False)["arr_0"]
