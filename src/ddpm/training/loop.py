@@ -37,7 +37,8 @@ from ..winograd import winograd_convs
 from . import layout
 from .ema import EMA
 from .lock import RunLock, RunLockedError
-from .observe import MetricsWriter, Progress, Window, write_sample_grid
+from .grids import shows_raw, write_sample_grid
+from .observe import MetricsWriter, Progress, Window
 from .optim import make_optimizer
 from .precision import resolve_precision
 from .state import (RunFolder, check_resume_compatible, check_train_meta, find_resume_checkpoint, refuse_overwrite,
@@ -419,15 +420,17 @@ class _Trainer:
             window.reset()
 
     def _sample_grid(self, parts: TrainParts, step: int) -> None:
-        """EMA samples with fixed seeds; the training RNG streams are left exactly as they were.
-        A stop signal cuts the sampling short (no file is written for this step)."""
+        """EMA samples with fixed seeds (early on also the raw weights', :mod:`.grids`); the training
+        RNG streams are left exactly as they were. A stop signal cuts the sampling short (no file
+        is written for this step)."""
         path = self.run_dir.sample_path(step)
         devices = [self.env.device] if self.env.device.type == "cuda" else []
+        raw = parts.model if shows_raw(self.cfg, step) else None
         try:
             with self.stop.interruptible(), torch.random.fork_rng(devices=devices):
                 write_sample_grid(path, parts.diffusion, parts.ema.module, self.cfg, self.env.device,
-                                  parts.precision.dtype)
+                                  parts.precision.dtype, raw_model=raw)
         except Interrupted:
             self.log(f"step {step}: sample grid skipped (stopping)")
             return
-        self.log(f"step {step}: samples -> {path}")
+        self.log(f"step {step}: samples -> {path}" + (" (left EMA, right the raw weights)" if raw is not None else ""))

@@ -3,13 +3,15 @@
 ``train_step(parts, batch, step)`` does exactly what the trainer does at 0-based step index
 ``step`` (``step`` updates already done):
 
-1. LR = lr·min(step/warmup, 1) (0 at step 0).
+1. LR = lr·min(step/warmup, 1) (0 at step 0), then ``train.lr_schedule`` (:mod:`.schedules`).
 2. t and ε for the whole *global* batch come from generators seeded by (train.seed, step), so
    they depend neither on the number of processes nor on resuming; each rank takes its slice.
 3. The rank's examples are split into ``grad_accum`` micro-batches; each contributes
-   mean(w·L)/grad_accum to the gradient (w = importance weights, 1 for uniform t), and DDP
+   mean(w·L)/grad_accum to the gradient (w = importance weights, 1 for uniform t, times the
+   ``train.loss_weighting`` weight of each t, :mod:`.weighting`), and DDP
    averages over ranks, so the gradient is that of the full-batch mean loss.
-4. Global-norm clipping at train.grad_clip, then Adam, then the EMA update. A non-finite loss
+4. Global-norm clipping at train.grad_clip, then Adam, then the EMA update (decay from
+   ``train.ema_warmup``, :mod:`.schedules`). A non-finite loss
    or gradient norm skips step 4 (no weight, optimiser or EMA change).
 
 Dropout draws from the global torch RNG (seeded by the trainer, saved in checkpoints).
@@ -35,7 +37,9 @@ from .. import distributed as D
 from ..config import Config
 from .ema import EMA
 from .observe import batch_stats
-from .optim import apply_update, grad_norm_and_clip, set_lr, warmup_lr
+from .optim import apply_update, grad_norm_and_clip, set_lr
+from .schedules import ema_decay_at, lr_at
+from .weighting import weight_table
 
 # Stream identifiers mixed into the per-step seeds (any fixed distinct numbers).
 T_STREAM, NOISE_STREAM, DROPOUT_STREAM, INIT_STREAM = 1, 2, 3, 4
@@ -107,6 +111,9 @@ def draw_t_and_noise(cfg: Config, t_sampler, step: int, device: torch.device
     tc = cfg.train
     g_t = torch.Generator(device="cpu").manual_seed(stream_seed(tc.seed, step, T_STREAM))
     t, w = t_sampler.sample(tc.batch_size, g_t)
+    table = weight_table(cfg)  # train.loss_weighting (None: L_simple, no multiplication)
+    if table is not None:
+        w = w * table[t]
     g_noise = torch.Generator(device=device).manual_seed(stream_seed(tc.seed, step, NOISE_STREAM))
     shape = (tc.batch_size, cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
     noise = torch.randn(shape, generator=g_noise, device=device)
@@ -144,7 +151,7 @@ def train_step(parts: TrainParts, batch: Batch, step: int) -> StepResult:
     A = tc.grad_accum
     local = batch.x0.shape[0]
     m = local // A
-    lr = warmup_lr(step, tc.lr, tc.warmup_steps)
+    lr = lr_at(step, tc)
     set_lr(parts.optimizer, lr)
     t_all, w_all, noise_all = draw_t_and_noise(cfg, parts.t_sampler, step, dev)
     lo, hi = parts.rank * local, (parts.rank + 1) * local
@@ -183,6 +190,7 @@ def train_step(parts: TrainParts, batch: Batch, step: int) -> StepResult:
     finite = math.isfinite(float(host[0])) and math.isfinite(grad_norm)
     apply_update(parts.optimizer, prec.scaler, finite)
     if finite:
+        parts.ema.decay = ema_decay_at(step, tc)
         parts.ema.update(parts.model)
         if tc.t_sampler == "importance":
             losses_all = D.all_gather_tensor(torch.cat(local_losses)).cpu()
