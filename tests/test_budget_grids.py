@@ -130,3 +130,32 @@ def test_measure_grid_call_restores_the_rng():
     before = torch.random.get_rng_state()
     s = measure_grid_call(tiny_config(), "cpu")
     assert s > 0 and torch.equal(before, torch.random.get_rng_state())
+
+
+def test_grid_quality_goes_into_the_metrics_on_digits(tmp_path, monkeypatch):
+    import json
+
+    import ddpm.sampling as sampling
+    from ddpm.evaluate.digits_quality import digits_quality
+    from ddpm.images import to_uint8
+    from ddpm.training import train
+
+    drawn = []
+    real = sampling.sample
+
+    def spy(*a, **kw):
+        x = real(*a, **kw)
+        drawn.append(x)
+        return x
+
+    monkeypatch.setattr(sampling, "sample", spy)
+    cfg = tiny_config(sample_n=32, sample_every=2, log_every=1, total_steps=3, ema_decay=0.01, grid_steps=4)
+    train(cfg, tmp_path, device="cpu", progress=False, log=lambda m: None)
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    assert "grid_fd" not in recs[0] and "grid_fd" not in recs[2]
+    assert recs[1]["grid_step"] == 2 and recs[1]["grid_n"] == 32
+    expected = digits_quality(to_uint8(drawn[0]))  # the EMA's samples (0.01^2: no raw grid)
+    assert len(drawn) == 1
+    assert recs[1]["grid_fd"] == pytest.approx(expected["fd"], rel=1e-9)
+    assert recs[1]["grid_confidence"] == pytest.approx(expected["confidence"], rel=1e-9)

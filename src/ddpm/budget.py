@@ -66,3 +66,18 @@ def budget_line(cfg: Config, minutes: float, step_s: float, grid_call_s: float) 
             + (f", lr {cfg.train.lr_schedule} to 0 at step {cfg.train.total_steps:,}"
                if cfg.train.lr_schedule != "constant" else "")
             + f"; estimated {est / 60:.1f} min (steps and grids; the loader and start-up not counted)")
+
+
+def plan_minutes(cfg: Config, minutes: float, device, world_size: int = 1) -> tuple[Config, tuple, list[str]]:
+    """What ``ddpm train --minutes M`` does before the plan is printed: measure a step and a grid
+    call on ``device`` (:mod:`ddpm.plan`), fit the run into M minutes. Returns (the fitted config,
+    (step measure, grid call seconds) for :func:`ddpm.plan.build_plan`'s ``measured``, [the
+    budget's plan line]). One process only: under torchrun every rank would measure its own."""
+    from .plan import measure_grid_call, measure_step
+
+    if world_size > 1:
+        raise ConfigError("--minutes plans a single-process run; under torchrun give --set train.total_steps=N")
+    m = measure_step(cfg, device, world_size)
+    call_s = measure_grid_call(cfg, device)
+    fitted = fit_minutes(cfg, minutes, m.seconds, call_s)
+    return fitted, (m, call_s), [budget_line(fitted, minutes, m.seconds, call_s)]

@@ -12,6 +12,12 @@ Early in a run the EMA still holds much of the initial, random weights (a share
 decay^n after n updates, :func:`ddpm.training.schedules.ema_init_share`), so its samples say
 little about how training goes. While that share is above ``RAW_SHARE`` the grid shows the EMA's
 samples on the left and the raw (current) weights' on the right, separated by a white band.
+
+Quality against training time: on the embedded digits (:func:`scorable`) the trainer also writes
+the grid's digits Fréchet distance and classifier confidence into metrics.jsonl (:func:`score_grid`,
+keys ``grid_step``, ``grid_fd``, ``grid_confidence``, ``grid_n`` in the record of the grid's step, or
+the next record when the log cadence skips it; the same seeds every time, so a run shows when it
+stops improving).
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ import torch
 
 from .schedules import ema_init_share
 
+# Fewer grid samples than this are not scored (a 64-feature covariance from a handful is noise).
+MIN_SCORED = 32
 # Draw the raw weights' samples beside the EMA's while the EMA's initial-weight share is above this.
 RAW_SHARE = 0.1
 
@@ -77,11 +85,35 @@ def _tile(u8: np.ndarray, labels, cfg) -> np.ndarray:
     return make_grid(cells, nrow=cols)
 
 
+def scorable(cfg) -> bool:
+    """Whether a run's samples can be scored by :mod:`ddpm.evaluate.digits_quality`: grey runs on
+    the embedded digits at 8x8 or a multiple (shrunk back to 8x8 by a block mean)."""
+    m = cfg.model
+    return cfg.data.source == "digits" and m.in_channels == 1 and m.resolution % 8 == 0
+
+
+def score_grid(cfg, u8: np.ndarray) -> dict | None:
+    """The digits quality of a grid's EMA samples (uint8 [N, R, R, 1]) for metrics.jsonl:
+    ``{"grid_fd", "grid_confidence", "grid_n"}``, or None when the run is not :func:`scorable`.
+    With N = sample_n (64) the Fréchet distance is biased upwards against 500-sample scores, but
+    the same seeds at every grid make the numbers of one run comparable: quality against time."""
+    if u8 is None or not scorable(cfg) or len(u8) < MIN_SCORED:
+        return None
+    from ..evaluate.digits_quality import digits_quality
+
+    n, r = u8.shape[0], u8.shape[1]
+    f = r // 8
+    small = np.clip(np.round(u8.reshape(n, 8, f, 8, f, 1).astype(np.float64).mean(axis=(2, 4))), 0, 255)
+    res = digits_quality(small.astype(np.uint8))
+    return {"grid_fd": float(res["fd"]), "grid_confidence": float(res["confidence"]), "grid_n": int(n)}
+
+
 def write_sample_grid(path: Path, diffusion, ema_model: torch.nn.Module, cfg, device: torch.device,
-                      amp_dtype: torch.dtype | None, raw_model: torch.nn.Module | None = None) -> None:
+                      amp_dtype: torch.dtype | None, raw_model: torch.nn.Module | None = None) -> np.ndarray:
     """EMA samples for the fixed seeds -> one PNG grid (class-conditional runs: image k of class
     k mod C, one row per class); with ``raw_model`` (the training network, put in eval mode for
-    the draw and back in train mode after) its samples of the same seeds are tiled to the right."""
+    the draw and back in train mode after) its samples of the same seeds are tiled to the right.
+    Returns the EMA samples, uint8 [sample_n, R, R, C]."""
     from PIL import Image
 
     from ..atomic import atomic_save_image
@@ -89,7 +121,8 @@ def write_sample_grid(path: Path, diffusion, ema_model: torch.nn.Module, cfg, de
 
     C = int(getattr(cfg.model, "num_classes", 0))
     labels = torch.arange(cfg.train.sample_n) % C if C > 0 else None
-    grid = _tile(_draw(diffusion, ema_model, cfg, device, amp_dtype, labels), labels, cfg)
+    ema_u8 = _draw(diffusion, ema_model, cfg, device, amp_dtype, labels)
+    grid = _tile(ema_u8, labels, cfg)
     if raw_model is not None:
         was_training = raw_model.training
         raw_model.eval()
@@ -104,3 +137,4 @@ def write_sample_grid(path: Path, diffusion, ema_model: torch.nn.Module, cfg, de
         grid = grid.repeat(s, axis=0).repeat(s, axis=1)
     mode = "L" if grid.shape[2] == 1 else ("RGBA" if grid.shape[2] == 4 else "RGB")
     atomic_save_image(path, Image.fromarray(grid[..., 0] if mode == "L" else grid, mode=mode))
+    return ema_u8

@@ -37,7 +37,7 @@ from ..winograd import winograd_convs
 from . import layout
 from .ema import EMA
 from .lock import RunLock, RunLockedError
-from .grids import shows_raw, write_sample_grid
+from .grids import score_grid, shows_raw, write_sample_grid
 from .observe import MetricsWriter, Progress, Window
 from .optim import make_optimizer
 from .precision import resolve_precision
@@ -357,9 +357,9 @@ class _Trainer:
                 kwargs = {} if batches.last_labels is None else {"y": batches.last_labels.to(env.device)}
                 result = train_step(parts, Batch(x0, kwargs), counters.step)
                 counters.step += 1
-                self._account(result, counters, window, shown, last_ckpt, writer, t_start)
                 if tc.sample_every and counters.step % tc.sample_every == 0 and env.is_main:
-                    self._sample_grid(parts, counters.step)
+                    self._sample_grid(parts, counters.step)  # before the log: its score joins the record
+                self._account(result, counters, window, shown, last_ckpt, writer, t_start)
                 stopped_by, time_due = self._poll(last_save)
                 if (stopped_by or time_due or counters.step == tc.total_steps
                         or (tc.save_every and counters.step % tc.save_every == 0)):
@@ -414,6 +414,7 @@ class _Trainer:
             self.bar.set_loss(shown["loss"], counters.skipped)
         if tc.log_every and step % tc.log_every == 0:
             rec = window.record(step, result.lr, counters.skipped, time.perf_counter() - t_start)
+            rec.update(self.__dict__.pop("grid_score", None) or {})
             shown["last"] = rec["loss"]
             if writer is not None:
                 writer.write(rec)
@@ -428,9 +429,13 @@ class _Trainer:
         raw = parts.model if shows_raw(self.cfg, step) else None
         try:
             with self.stop.interruptible(), torch.random.fork_rng(devices=devices):
-                write_sample_grid(path, parts.diffusion, parts.ema.module, self.cfg, self.env.device,
-                                  parts.precision.dtype, raw_model=raw)
+                u8 = write_sample_grid(path, parts.diffusion, parts.ema.module, self.cfg, self.env.device,
+                                       parts.precision.dtype, raw_model=raw)
         except Interrupted:
             self.log(f"step {step}: sample grid skipped (stopping)")
             return
-        self.log(f"step {step}: samples -> {path}" + (" (left EMA, right the raw weights)" if raw is not None else ""))
+        score = score_grid(self.cfg, u8)  # quality against time where a scorer exists (digits)
+        if score is not None:
+            self.grid_score = {"grid_step": step, **score}  # written with the next metrics record
+        self.log(f"step {step}: samples -> {path}" + (" (left EMA, right the raw weights)" if raw is not None else "")
+                 + (f"; digits Fréchet distance of these {score['grid_n']} {score['grid_fd']:.3g}" if score else ""))
