@@ -159,3 +159,19 @@ def test_grid_quality_goes_into_the_metrics_on_digits(tmp_path, monkeypatch):
     assert len(drawn) == 1
     assert recs[1]["grid_fd"] == pytest.approx(expected["fd"], rel=1e-9)
     assert recs[1]["grid_confidence"] == pytest.approx(expected["confidence"], rel=1e-9)
+
+
+def test_shrink_enlarged_inverts_the_digits_enlargement():
+    from ddpm.data import load_images
+    from ddpm.evaluate.digits_quality import shrink_enlarged
+
+    small = load_images("digits", "test", 8, 1, n=50)
+    for r in (16, 32):
+        big = load_images("digits", "test", r, 1, n=50)
+        back = shrink_enlarged(big)
+        assert back.shape == small.shape and back.dtype == np.uint8
+        assert np.abs(back.astype(int) - small.astype(int)).max() <= 1  # the uint8 rounding of the enlargement
+        f = r // 8
+        box = big.reshape(50, 8, f, 8, f, 1).mean(axis=(2, 4))
+        assert np.abs(box - small).max() > 10  # a block mean is no inverse
+    assert shrink_enlarged(small) is small

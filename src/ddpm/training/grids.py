@@ -87,7 +87,8 @@ def _tile(u8: np.ndarray, labels, cfg) -> np.ndarray:
 
 def scorable(cfg) -> bool:
     """Whether a run's samples can be scored by :mod:`ddpm.evaluate.digits_quality`: grey runs on
-    the embedded digits at 8x8 or a multiple (shrunk back to 8x8 by a block mean)."""
+    the embedded digits at 8x8 or a multiple (shrunk back by the enlargement's least-squares
+    inverse, :func:`ddpm.evaluate.digits_quality.shrink_enlarged`)."""
     m = cfg.model
     return cfg.data.source == "digits" and m.in_channels == 1 and m.resolution % 8 == 0
 
@@ -99,13 +100,10 @@ def score_grid(cfg, u8: np.ndarray) -> dict | None:
     the same seeds at every grid make the numbers of one run comparable: quality against time."""
     if u8 is None or not scorable(cfg) or len(u8) < MIN_SCORED:
         return None
-    from ..evaluate.digits_quality import digits_quality
+    from ..evaluate.digits_quality import digits_quality, shrink_enlarged
 
-    n, r = u8.shape[0], u8.shape[1]
-    f = r // 8
-    small = np.clip(np.round(u8.reshape(n, 8, f, 8, f, 1).astype(np.float64).mean(axis=(2, 4))), 0, 255)
-    res = digits_quality(small.astype(np.uint8))
-    return {"grid_fd": float(res["fd"]), "grid_confidence": float(res["confidence"]), "grid_n": int(n)}
+    res = digits_quality(shrink_enlarged(u8))
+    return {"grid_fd": float(res["fd"]), "grid_confidence": float(res["confidence"]), "grid_n": int(len(u8))}
 
 
 def write_sample_grid(path: Path, diffusion, ema_model: torch.nn.Module, cfg, device: torch.device,
