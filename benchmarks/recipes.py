@@ -69,7 +69,7 @@ def base_config(data: str):
 
     if data == "digits":
         return get_preset("digits")
-    from ddpm.commands import _config_from_data
+    from ddpm.commands.train import _config_from_data
 
     return _config_from_data(data, None, None, "cpu")
 

@@ -175,3 +175,43 @@ def test_shrink_enlarged_inverts_the_digits_enlargement():
         box = big.reshape(50, 8, f, 8, f, 1).mean(axis=(2, 4))
         assert np.abs(box - small).max() > 10  # a block mean is no inverse
     assert shrink_enlarged(small) is small
+
+
+def test_cli_minutes_plans_the_run_and_a_resume_keeps_it(tmp_path, capsys, monkeypatch):
+    """``ddpm train --minutes``: the planned total in the printed config and the plan's line (an
+    injected step time: 0.5 s per step, 0.01 s per grid call); a resume does not plan again."""
+    import json
+
+    import ddpm.plan as plan
+    from ddpm.plan import StepMeasure
+    from test_cli import run as cli
+
+    m = StepMeasure(seconds=0.5, params=1, state_bytes=20, activation_bytes=0, measured_batch=4, micro_batch=128)
+    monkeypatch.setattr(plan, "measure_step", lambda cfg, device, world_size=1, batch=None: m)
+    monkeypatch.setattr(plan, "measure_grid_call", lambda cfg, device: 0.01)
+    rc, out, err = cli(["train", "--preset", "digits", "--minutes", "2", "--dry-run", "--out", str(tmp_path / "r"),
+                        "--set", "train.lr_schedule=cosine"], capsys)
+    assert rc in (0, None), err
+    cfg = json.loads(out[:out.index("\n}\n") + 3])
+    expected = fit_minutes(get_digits(lr_schedule="cosine"), 2, 0.5, 0.01)
+    assert cfg["train"]["total_steps"] == expected.train.total_steps == 4 * expected.train.sample_every
+    assert 0.5 * expected.train.total_steps <= 120 < 0.5 * (expected.train.total_steps + 2 * GRIDS)
+    assert f"time budget: --minutes 2 -> {expected.train.total_steps:,} steps" in out
+    assert "lr cosine to 0 at step" in out
+    # a run folder with a checkpoint: --resume auto keeps its own total_steps
+    from ddpm.training import train
+
+    small = replace(tiny_config(), train=replace(tiny_config().train, total_steps=1, sample_every=0))
+    train(small, tmp_path / "r2", device="cpu", progress=False, log=lambda s: None)
+    rc, out, err = cli(["train", "--out", str(tmp_path / "r2"), "--resume", "auto", "--minutes", "2", "--dry-run"],
+                       capsys)
+    assert rc in (0, None), err
+    assert json.loads(out[:out.index("\n}\n") + 3])["train"]["total_steps"] == 1
+    assert "time budget: --minutes 2 not applied: resuming" in out
+
+
+def get_digits(**train):
+    from ddpm.config import get_preset
+
+    cfg = get_preset("digits")
+    return replace(cfg, train=replace(cfg.train, **train))
