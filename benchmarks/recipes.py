@@ -97,7 +97,7 @@ def train_arm(data: str, arm: str, steps: int, score_at: list[int], out: Path, e
     return run_dir
 
 
-def score_checkpoint(ckpt: Path, n: int, batch: int = 250) -> dict:
+def score_checkpoint(ckpt: Path, n: int, batch: int = 250, sampler: str = "ancestral", steps: int | None = None) -> dict:
     import torch
 
     from ddpm.api import load
@@ -108,7 +108,8 @@ def score_checkpoint(ckpt: Path, n: int, batch: int = 250) -> dict:
     model, diffusion, cfg, _ = load(ckpt, device="cpu")
     shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
     with torch.no_grad():
-        x = sample(diffusion, model, shape, list(range(n)), batch_size=batch, device="cpu")
+        x = sample(diffusion, model, shape, list(range(n)), batch_size=batch, device="cpu", sampler=sampler,
+                   steps=steps)
     u8 = to_uint8(x)
     res = digits_quality(shrink_enlarged(u8))
     out = {"fd": res["fd"], "confidence": res["confidence"], "balance": res["balance"],
@@ -136,6 +137,8 @@ def main(argv=None) -> None:
     s.add_argument("--n", type=int, default=500)
     s.add_argument("--steps-at", default="")
     s.add_argument("--json", default=None)
+    s.add_argument("--sampler", default="ancestral")
+    s.add_argument("--sampler-steps", type=int, default=None, help="network calls (default: the full chain)")
     s.add_argument("--real-folder", default=None, help="also score this folder's images shrunk to 8x8")
     args = p.parse_args(argv)
     if args.cmd == "folder":
@@ -159,7 +162,7 @@ def main(argv=None) -> None:
         row = {"run": str(run), "step": step, **{k: cfg.get(k) for k in ("loss_weighting", "lr_schedule",
                                                                           "ema_warmup", "batch_size", "lr",
                                                                           "total_steps")}}
-        row.update(score_checkpoint(ck, args.n))
+        row.update(score_checkpoint(ck, args.n, sampler=args.sampler, steps=args.sampler_steps))
         print(json.dumps(row), flush=True)
         rows.append(row)
     if args.real_folder:
