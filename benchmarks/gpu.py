@@ -1,18 +1,29 @@
 """One prepared GPU measurement (benchmarks/gpu.sh runs it; <= 8 minutes on one H100/H200).
 
     python benchmarks/gpu.py [--out bench_results/gpu.json] [--no-compile]
-    python benchmarks/gpu.py --dry-run      # the same code path on the CPU with a tiny U-Net (a test)
+    python benchmarks/gpu.py --dry-run      # the same code path on the CPU with tiny U-Nets (a test)
 
 Measures, on the cifar10 preset's U-Net (35.7M parameters), against diffusers on the same weights
-(workloads.py says exactly what each side does):
+(workloads.py says exactly what each side does), in this order (the JSON is written after each
+section, so a run stopped by the time limit keeps what it measured; past --budget-s the profile,
+the 256x256 section and the compiled sampling variant are skipped):
 
-* train   training steps/s at batch 128: ours in bf16 autocast with fused Adam, eager (NCHW) and
-          (unless --no-compile) ``torch.compile``-d (channels_last), against diffusers' example
-          loop in bf16 autocast (and in fp32, for reference).
+* checks  (gpu_step.py) the captured step against the eager one (max differences, bit-identical?,
+          within the derived bound?) and the trainer's data path + step under
+          ``torch.cuda.set_sync_debug_mode("error")`` (no host sync between log reads).
+* train   training steps/s at batch 128 and peak memory: ours in bf16 autocast with fused Adam
+          (the step without host round trips), eager (NCHW), replayed from one CUDA graph of the
+          whole step, and (unless --no-compile) ``torch.compile``-d (channels_last) without and
+          with the step graph, against diffusers' example loop in bf16 autocast and in fp32.
+* profile (gpu_step.py) torch.profiler over the compiled step, launched eagerly and replayed,
+          and over eager fp32 sampling, ours and diffusers': wall vs GPU-busy time per call and
+          the top kernels.
+* big     (gpu_step.py) the 256x256 preset (celebahq256): steps/s at batch 64 and the time for
+          128 samples (extrapolated), beside the paper's TPU v3-8 figures (2.2 steps/s, 300 s).
 * sample  seconds for 256 samples x 1000 ancestral steps, extrapolated from k timed steps of a
-          k-step chain (the same per-step work; setup included): ours replayed from CUDA graphs in
-          fp32 and bf16 (NCHW), and (unless --no-compile) compiled with CUDA graphs in bf16, against
-          diffusers' DDPMPipeline loop in fp32 and with the model in bf16.
+          k-step chain (the same per-step work; setup included): ours eager and replayed from
+          CUDA graphs in fp32 and bf16 (NCHW), and (unless --no-compile) compiled with CUDA graphs
+          in bf16, against diffusers' DDPMPipeline loop in fp32 and with the model in bf16.
 
 Every implementation is timed in the same process in rotating order after warm-up (compilation
 shows in the warm-up times, reported separately); medians are reported. cuDNN autotuning
@@ -33,11 +44,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gpu_step import bench_256, check_graph_vs_eager, check_no_host_sync, peak_memory, profile_steps  # noqa: E402
 from report import result_path, write_json  # noqa: E402
 from timing import alternate  # noqa: E402
 
 # The issue's targets on one H100 (paper: TPU v3-8, 21 steps/s and 17 s for 256 x 1000).
-TARGETS = {"train_steps_per_s": 100.0, "sample_256x1000_s": 6.0, "x_vs_diffusers_bf16": 1.5}
+SECTIONS = ("checks", "train", "sample", "big", "profile")
+TARGETS = {"train_steps_per_s": 60.0, "train_steps_per_s_moonshot": 100.0, "sample_256x1000_s": 6.0,
+           "x_vs_diffusers_bf16": 1.5, "eager_fp32_sample_vs_diffusers_fp32": 1.0}
 
 
 def log(msg: str) -> None:
@@ -45,9 +59,10 @@ def log(msg: str) -> None:
 
 
 def _tiny(cfg):
-    """--dry-run: the cifar10 preset with a small U-Net on 16x16 images (same code paths, seconds
-    on a CPU)."""
-    model = replace(cfg.model, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), resolution=16)
+    """--dry-run: the preset's network made small (same code paths, seconds on a CPU): 16x16
+    images for the cifar10 U-Net, 32x32 for the 256x256 one."""
+    res = 16 if cfg.model.resolution <= 32 else 32
+    model = replace(cfg.model, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(res // 2,), resolution=res)
     return replace(cfg, model=model)
 
 
@@ -78,10 +93,14 @@ def bench_train(args, device, cfg, deadline: float) -> dict:
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
     x0 = fixed_batch(cfg, args.train_batch, device)
     cuda = device.type == "cuda"
-    variants = {"ours_bf16_fused": OursOptions(channels_last=False, precision="bf16", fused_adam=cuda)}
+    variants = {"ours_bf16_fused": OursOptions(channels_last=False, precision="bf16", fused_adam=cuda),
+                "ours_bf16_fused_graph": OursOptions(channels_last=False, precision="bf16", fused_adam=True,
+                                                     cuda_graph=True)}
     if args.compile:
         variants["ours_bf16_fused_compile"] = OursOptions(channels_last=True, precision="bf16", fused_adam=cuda,
                                                           compile=True)
+        variants["ours_bf16_fused_compile_graph"] = OursOptions(channels_last=True, precision="bf16", fused_adam=True,
+                                                                compile=True, cuda_graph=True)
     fns = {"diffusers_bf16": TheirsTrainStep(copy_model(theirs), x0, device, amp_dtype=torch.bfloat16),
            "diffusers_fp32": TheirsTrainStep(theirs, x0, device)}
     if args.channels_last:
@@ -91,14 +110,15 @@ def bench_train(args, device, cfg, deadline: float) -> dict:
         fns[name] = OursTrainStep(copy_model(ours) if i else ours, diffusion, x0, device, o)
     n = args.train_steps
     log(f"[train] cifar10 U-Net, batch {args.train_batch}, {n} steps per timed call, {len(fns)} implementations")
-    tm = alternate({k: _Repeat(f, n) for k, f in fns.items()}, args.repeats, warmup=2 if args.compile else 1,
-                   device=device, log=log)
+    timed = {k: peak_memory(_Repeat(f, n), device) for k, f in fns.items()}
+    tm = alternate(timed, args.repeats, warmup=2 if args.compile else 1, device=device, log=log)
     out = {"batch": args.train_batch, "steps_per_call": n, "variants": {}}
     for name, t in tm.items():
         s = _summary(t, n)
         s["steps_per_s"] = 1.0 / s["median_s"]
         loss = getattr(fns[name], "last_loss", None)
         s["last_loss"] = None if loss is None else float(loss)
+        s["peak_memory_gib"] = None if timed[name].peak_bytes is None else round(timed[name].peak_bytes / 2 ** 30, 3)
         out["variants"][name] = s
     ours_best = max((k for k in out["variants"] if k.startswith("ours")),
                     key=lambda k: out["variants"][k]["steps_per_s"])
@@ -108,7 +128,7 @@ def bench_train(args, device, cfg, deadline: float) -> dict:
     out["x_vs_diffusers_bf16"] = out["ours_best_steps_per_s"] / ref
     if time.monotonic() > deadline:
         log("[train] over the time budget: the compiled sampling variant will be skipped")
-    return out
+    return out, fns
 
 
 def bench_sample(args, device, cfg, deadline: float) -> dict:
@@ -122,7 +142,9 @@ def bench_sample(args, device, cfg, deadline: float) -> dict:
     B, k, T = args.sample_batch, args.sample_steps, diffusion.num_timesteps
     cuda = device.type == "cuda"
     # eager variants in sample()'s default layout (NCHW on CUDA), compiled ones in channels_last
-    variants = {"ours_fp32_graph": SampleOptions(channels_last=False, cuda_graph=cuda),
+    variants = {"ours_fp32_eager": SampleOptions(channels_last=False),
+                "ours_bf16_eager": SampleOptions(channels_last=False, amp_dtype=torch.bfloat16),
+                "ours_fp32_graph": SampleOptions(channels_last=False, cuda_graph=cuda),
                 "ours_bf16_graph": SampleOptions(channels_last=False, cuda_graph=cuda, amp_dtype=torch.bfloat16)}
     if args.compile and time.monotonic() < deadline:
         variants["ours_bf16_compile_graph"] = SampleOptions(channels_last=True, compile=True, cuda_graph=cuda,
@@ -149,6 +171,8 @@ def bench_sample(args, device, cfg, deadline: float) -> dict:
     out["ours_best"] = ours_best
     out[f"ours_best_{key}"] = out["variants"][ours_best][key]
     out["x_vs_diffusers_bf16"] = out["variants"]["diffusers_bf16"][key] / out["variants"][ours_best][key]
+    # issue 21: eager fp32 sampling no slower than diffusers' fp32 pipeline (> 1 means faster)
+    out["eager_fp32_x_vs_diffusers_fp32"] = out["variants"]["diffusers_fp32"][key] / out["variants"]["ours_fp32_eager"][key]
     return out
 
 
@@ -161,12 +185,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile variants")
     p.add_argument("--channels-last", action="store_true",
                    help="also time ours' eager variants in channels_last (they run in NCHW, the CUDA default)")
-    p.add_argument("--only", choices=("train", "sample"), default=None, help="one section")
+    p.add_argument("--only", choices=SECTIONS, action="append", default=None,
+                   help="run only these sections (repeatable); default all: " + ", ".join(SECTIONS))
     p.add_argument("--train-batch", type=int, default=128)
     p.add_argument("--train-steps", type=int, default=20, help="training steps per timed call")
     p.add_argument("--sample-batch", type=int, default=256)
     p.add_argument("--sample-steps", type=int, default=50, help="reverse steps timed per call (extrapolated to 1000)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=4)
+    p.add_argument("--check-batch", type=int, default=32, help="batch of the correctness checks")
+    p.add_argument("--check-steps", type=int, default=3, help="steps of the correctness checks")
+    p.add_argument("--big-batch", type=int, default=64, help="256x256 training batch")
+    p.add_argument("--big-train-steps", type=int, default=5, help="256x256 training steps per timed call")
+    p.add_argument("--big-sample-batch", type=int, default=128)
+    p.add_argument("--big-sample-steps", type=int, default=10, help="256x256 reverse steps timed per call")
+    p.add_argument("--big-repeats", type=int, default=3)
+    p.add_argument("--profile-steps", type=int, default=5, help="training steps per profiled call")
     p.add_argument("--budget-s", type=float, default=420.0,
                    help="skip the optional (compiled) sampling variant once this much time has passed")
     p.add_argument("--out", default=None, help="JSON file (default bench_results/gpu_<time>.json)")
@@ -175,6 +208,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.device = args.device or "cpu"
         args.compile = False
         args.train_batch, args.train_steps, args.sample_batch, args.sample_steps, args.repeats = 2, 1, 2, 2, 1
+        args.budget_s = float("inf")  # a dry run checks every section
+        args.check_batch, args.check_steps, args.big_batch, args.big_train_steps = 2, 2, 2, 1
+        args.big_sample_batch, args.big_sample_steps, args.big_repeats, args.profile_steps = 2, 2, 1, 1
     if args.sample_steps < 2 or args.repeats < 1 or args.train_steps < 1:
         p.error("need --sample-steps >= 2, --repeats >= 1, --train-steps >= 1")
     return args
@@ -213,26 +249,120 @@ def main(argv=None) -> int:
         meta["wall_s"] = round(time.monotonic() - t0, 1)
         write_json(out, result)
 
-    if args.only in (None, "train"):
-        result["train"] = bench_train(args, device, cfg, deadline)
+    sections = args.only or list(SECTIONS)
+    fns: dict = {}
+
+    def run(name: str, fn) -> None:
+        """One section; on a GPU a failure is recorded and the next section still runs (a
+        prepared run is rare), in a dry run it fails the script."""
+        if name not in sections:
+            return
+        if name in ("big", "profile") and time.monotonic() > deadline:
+            log(f"[{name}] skipped: past --budget-s {args.budget_s:.0f} s")
+            result[name] = {"skipped": f"past the time budget ({args.budget_s:.0f} s)"}
+            save()
+            return
+        t1 = time.monotonic()
+        try:
+            result[name] = fn()
+        except Exception as e:  # noqa: BLE001
+            if args.dry_run:
+                raise
+            import traceback
+
+            traceback.print_exc()
+            result[name] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        if isinstance(result[name], dict):
+            result[name]["section_s"] = round(time.monotonic() - t1, 1)
         save()
-    if args.only in (None, "sample"):
-        result["sample"] = bench_sample(args, device, cfg, deadline)
-    save()
+
+    def train():
+        out, made = bench_train(args, device, cfg, deadline)
+        fns.update(made)
+        return out
+
+    def profile():
+        keep = [k for k in ("ours_bf16_fused_compile", "ours_bf16_fused_compile_graph", "ours_bf16_fused",
+                            "ours_bf16_fused_graph") if k in fns]
+        if not args.compile:
+            keep = keep[-2:]
+        work = {k: _Repeat(fns[k], args.profile_steps) for k in keep[:2]}
+        # eager fp32 sampling beside diffusers' (issue 21: no slower than diffusers; 1.2x slower before)
+        from workloads import OursSampler, SampleOptions, TheirsSampler, build_models
+
+        from ddpm.diffusion import GaussianDiffusion
+
+        ours, theirs = build_models(cfg, device)
+        d = GaussianDiffusion.from_config(cfg.diffusion)
+        shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
+        B, k = args.sample_batch, max(2, args.profile_steps)  # a chain needs >= 2 steps
+        work["sample_ours_fp32_eager"] = OursSampler(ours, d, shape, B, k, device, SampleOptions(channels_last=False))
+        work["sample_diffusers_fp32"] = TheirsSampler(theirs, shape, B, k, device, d.num_timesteps)
+        return profile_steps(work, device, calls=2)
+
+    big_cfg = get_preset("celebahq256")
+    if args.dry_run:
+        big_cfg = _tiny(big_cfg)
+    timer = lambda f, r: alternate(f, r, warmup=1, device=device, log=log)  # noqa: E731
+    run("checks", lambda: {"graph_vs_eager": check_graph_vs_eager(cfg, device, args.check_batch, args.check_steps),
+                           "no_host_sync": check_no_host_sync(cfg, device, args.check_batch, args.check_steps + 2)})
+    run("train", train)
+    run("profile", profile)
+    fns.clear()  # free the training variants' memory before the 256x256 network
+    # the 256x256 figures were never measured; sampling's were (only its eager variants are new)
+    run("big", lambda: bench_256(args, device, big_cfg, timer))
+    run("sample", lambda: bench_sample(args, device, cfg, deadline))
     log("")
-    if "train" in result:
-        tr = result["train"]
-        log(f"train  B={tr['batch']}: ours {tr['ours_best']} {tr['ours_best_steps_per_s']:.1f} steps/s, "
-            f"diffusers bf16 {tr['variants']['diffusers_bf16']['steps_per_s']:.1f}, "
-            f"fp32 {tr['variants']['diffusers_fp32']['steps_per_s']:.1f} -> {tr['x_vs_diffusers_bf16']:.2f}x")
-    if "sample" in result:
-        sa = result["sample"]
-        key = f"seconds_{sa['batch']}x{sa['num_timesteps']}"
-        log(f"sample {sa['batch']} x {sa['num_timesteps']}: ours {sa['ours_best']} {sa[f'ours_best_{key}']:.2f} s, "
-            f"diffusers bf16 {sa['variants']['diffusers_bf16'][key]:.2f} s, "
-            f"fp32 {sa['variants']['diffusers_fp32'][key]:.2f} s -> {sa['x_vs_diffusers_bf16']:.2f}x")
+    for line in summary_lines(result):
+        log(line)
     log(f"wrote {out} ({meta['wall_s']} s)")
     return 0
+
+
+def summary_lines(result: dict) -> list[str]:
+    """The run's figures in a few lines (sections that failed or were skipped say so)."""
+    lines = []
+    for name in SECTIONS:
+        r = result.get(name)
+        if r is None:
+            continue
+        if "error" in r or "skipped" in r:
+            lines.append(f"{name}: {r.get('error') or r.get('skipped')}")
+            continue
+        if name == "checks":
+            g, h = r["graph_vs_eager"], r["no_host_sync"]
+            lines.append(f"checks: graph == eager within bound {g['within_bound']} (bit-identical {g['bit_identical']}); "
+                         f"no host sync: eager {h['eager']['ok']}, graph {h['graph']['ok']}")
+        elif name == "train":
+            v = r["variants"]
+            lines.append(f"train  B={r['batch']}: ours {r['ours_best']} {r['ours_best_steps_per_s']:.1f} steps/s "
+                         f"(target {TARGETS['train_steps_per_s']:.0f}), diffusers bf16 "
+                         f"{v['diffusers_bf16']['steps_per_s']:.1f}, fp32 {v['diffusers_fp32']['steps_per_s']:.1f} "
+                         f"-> {r['x_vs_diffusers_bf16']:.2f}x; "
+                         + ", ".join(f"{k} {x['steps_per_s']:.1f}" for k, x in v.items() if k.startswith("ours")))
+        elif name == "sample":
+            key = f"seconds_{r['batch']}x{r['num_timesteps']}"
+            v = r["variants"]
+            lines.append(f"sample {r['batch']} x {r['num_timesteps']}: ours {r['ours_best']} {r[f'ours_best_{key}']:.2f} s "
+                         f"(target {TARGETS['sample_256x1000_s']:.0f}), diffusers bf16 {v['diffusers_bf16'][key]:.2f} s, "
+                         f"fp32 {v['diffusers_fp32'][key]:.2f} s -> {r['x_vs_diffusers_bf16']:.2f}x; eager fp32 "
+                         f"{v['ours_fp32_eager'][key]:.2f} s ({r['eager_fp32_x_vs_diffusers_fp32']:.2f}x diffusers fp32)")
+        elif name == "big":
+            tv, sv = r["train"]["variants"], r["sample"]["variants"]
+            key = f"seconds_{r['sample']['batch']}x{r['sample']['num_timesteps']}"
+            lines.append(f"256x256 ({r['preset']}): training B={r['train']['batch']} "
+                         + ", ".join(f"{k} " + (f"{x['steps_per_s']:.2f} steps/s ({x['peak_memory_gib']} GiB)"
+                                                 if "error" not in x else x["error"]) for k, x in tv.items())
+                         + f"; {r['sample']['batch']} samples (extrapolated) "
+                         + ", ".join(f"{k} " + (f"{x[key]:.1f} s" if "error" not in x else x["error"])
+                                     for k, x in sv.items())
+                         + f" (paper TPU: {r['paper_tpu_v3_8']['train_steps_per_s_batch64']} steps/s, "
+                           f"{r['paper_tpu_v3_8']['sample_128_s']:.0f} s)")
+        elif name == "profile":
+            lines.append("profile: " + "; ".join(
+                f"{k} wall {x['wall_s_per_call'] * 1e3:.1f} ms, GPU busy {x['gpu_busy_s_per_call'] * 1e3:.1f} ms"
+                for k, x in r.items() if isinstance(x, dict)))
+    return lines
 
 
 if __name__ == "__main__":

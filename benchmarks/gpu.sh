@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# One prepared GPU run (`make bench-gpu`): cifar10 U-Net training steps/s at batch 128 and 256
-# samples x 1000 steps, ours against diffusers, on one H100/H200 in <= 8 minutes; one JSON.
+# One prepared GPU run (`make bench-gpu`), on one H100/H200 in <= 8 minutes, one JSON: checks of
+# the training step (captured == eager within bound, no host sync), cifar10 U-Net training steps/s
+# at batch 128 and 256 samples x 1000 steps against diffusers, a profile of the compiled step, and
+# the 256x256 preset (batch 64 steps/s, 128 samples); see benchmarks/gpu.py.
 #
 # Needs a CUDA torch (plus numpy, safetensors, tqdm) and nothing from the network: diffusers and the
 # modules it imports come as wheels from benchmarks/wheels/ (`make bench-gpu-wheels` fills it on a

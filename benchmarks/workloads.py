@@ -7,9 +7,10 @@ through ``ddpm.interop.diffusers``), the same batch shape, dtype and threads.
   L_simple = mean((eps - net(x_t, t))^2), backward, clip the global grad norm to 1, Adam
   (lr 2e-4, betas 0.9/0.999, eps 1e-8, no weight decay), EMA 0.9999.
   - ours: the trainer's own step, ``ddpm.training.step.train_step`` (foreach Adam on CPU, fused
-    on CUDA; ``grad_norm_and_clip``; one foreach lerp for the EMA; the per-step seeded
-    generators and one host sync per step), with the options of ``train.channels_last`` /
-    ``precision`` / ``compile``.
+    on CUDA; ``grad_norm_and_clip``; multi-tensor EMA; per-step seeded generators on the
+    device; the non-finite guard on the device: no host sync), with the options of
+    ``train.channels_last`` / ``precision`` / ``compile`` / ``cuda_graph`` (the whole step
+    replayed from one CUDA graph, ``ddpm.training.graphstep.StepGraph``).
   - diffusers: as its ``train_unconditional.py`` example does it: ``DDPMScheduler.add_noise``,
     ``F.mse_loss``, ``clip_grad_norm_``, ``torch.optim.Adam`` with its defaults, and
     ``diffusers.training_utils.EMAModel(decay=0.9999)`` with its defaults.
@@ -69,6 +70,7 @@ class OursOptions:
     compile: bool = False
     fused_adam: bool | None = None  # None: the trainer's choice (fused on CUDA, foreach elsewhere)
     winograd: bool | None = False  # train.winograd: False direct, True always (untimed), None autotuned
+    cuda_graph: bool = False  # train.cuda_graph: the whole step captured once and replayed
 
     def label(self) -> str:
         parts = [self.precision]
@@ -82,6 +84,8 @@ class OursOptions:
             parts.append("conv auto")
         if self.compile:
             parts.append("compile")
+        if self.cuda_graph:
+            parts.append("step graph")
         if self.fused_adam is not None:
             parts.append("fused Adam" if self.fused_adam else "foreach Adam")
         return " ".join(parts)
@@ -129,12 +133,21 @@ class OursTrainStep:
         self._winograd.__enter__()
         self.step = 0
         self.last_loss: torch.Tensor | None = None
+        self.graph = None
+        if opts.cuda_graph:
+            from ddpm.training.graphstep import StepGraph
+
+            # on the CPU (gpu.py --dry-run) the same bookkeeping runs without capture
+            self.graph = StepGraph(self.parts, capture=device.type == "cuda")
 
     def __call__(self) -> None:
         from ddpm.training.step import Batch, train_step
 
-        result = train_step(self.parts, Batch(self.x0), self.step)
-        self.last_loss = result.stats[0] / result.stats[1]
+        if self.graph is not None:
+            result = self.graph(Batch(self.x0), self.step)
+        else:
+            result = train_step(self.parts, Batch(self.x0), self.step)
+        self.last_loss = result.stats[0] / result.stats[1]  # stays on the device until read
         self.step += 1
 
 

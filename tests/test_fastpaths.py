@@ -360,18 +360,45 @@ def test_gpu_benchmark_script_dry_run(tmp_path):
     import gpu
 
     out = tmp_path / "gpu.json"
-    assert gpu.main(["--dry-run", "--channels-last", "--out", str(out)]) == 0
+    assert gpu.main(["--dry-run", "--channels-last", "--only", "train", "--only", "sample", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     assert res["meta"]["dry_run"] and res["meta"]["device"] == "cpu" and res["meta"]["device_name"]
     tr, sa = res["train"], res["sample"]
-    assert {"diffusers_bf16", "diffusers_fp32", "ours_bf16_fused", "ours_bf16_fused_channels_last"} <= set(tr["variants"])
-    assert {"diffusers_bf16", "diffusers_fp32", "ours_fp32_graph", "ours_bf16_graph",
-            "ours_bf16_graph_channels_last"} <= set(sa["variants"])
+    assert {"diffusers_bf16", "diffusers_fp32", "ours_bf16_fused", "ours_bf16_fused_channels_last",
+            "ours_bf16_fused_graph"} <= set(tr["variants"])
+    assert {"diffusers_bf16", "diffusers_fp32", "ours_fp32_eager", "ours_bf16_eager", "ours_fp32_graph",
+            "ours_bf16_graph", "ours_bf16_graph_channels_last"} <= set(sa["variants"])
+    assert sa["eager_fp32_x_vs_diffusers_fp32"] > 0
     assert all(math.isfinite(v["last_loss"]) for v in tr["variants"].values())
     assert all(v["finite"] for v in sa["variants"].values())
     assert tr["x_vs_diffusers_bf16"] > 0 and sa["x_vs_diffusers_bf16"] > 0
     key = f"seconds_{sa['batch']}x{sa['num_timesteps']}"
     assert sa[f"ours_best_{key}"] == min(v[key] for k, v in sa["variants"].items() if k.startswith("ours"))
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_checks_256_and_profile_dry_run(tmp_path):
+    """benchmarks/gpu.py's issue-21 sections on the CPU: the captured-step bookkeeping equals the
+    eager step, the trainer's data path + step read nothing on the host (the package's checker
+    stands in for CUDA's sync debug mode), the 256x256 preset's section and the profile run."""
+    pytest.importorskip("diffusers")
+    import json
+
+    _bench_modules()
+    import gpu
+
+    out = tmp_path / "gpu.json"
+    assert gpu.main(["--dry-run", "--only", "checks", "--only", "big", "--only", "profile", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    g, h = res["checks"]["graph_vs_eager"], res["checks"]["no_host_sync"]
+    assert g["bit_identical"] and g["within_bound"] and g["model_bound"] > 0
+    assert h["eager"]["ok"] and h["graph"]["ok"] and h["eager"]["losses_finite"]
+    big = res["big"]
+    assert big["preset"] == "celebahq256" and big["sample"]["extrapolated"]
+    assert all(v["steps_per_s"] > 0 for v in big["train"]["variants"].values())
+    assert {"sample_ours_fp32_eager", "sample_diffusers_fp32"} <= set(res["profile"])
+    assert all(v["wall_s_per_call"] > 0 for k, v in res["profile"].items() if isinstance(v, dict))
+    assert all(line and "rror" not in line for line in gpu.summary_lines(res))
 
 
 @pytest.mark.slow

@@ -74,7 +74,7 @@ def drop_labels(y: "torch.Tensor", p_uncond: float, num_classes: int, generator:
             (default b) images, e.g. one rank's slice.
         p_uncond: dropout probability in [0, 1].
         num_classes: C; the null label is C.
-        generator: a CPU generator seeded per step. It draws ``total`` uniforms (one per image of
+        generator: a generator seeded per step (the uniforms are drawn on its device). It draws ``total`` uniforms (one per image of
             the global batch) and this slice uses its own, so every rank count and every
             micro-batch split drops the same images. The draw happens even for p = 0.
     Returns:
@@ -83,7 +83,7 @@ def drop_labels(y: "torch.Tensor", p_uncond: float, num_classes: int, generator:
     import torch
 
     total = int(y.shape[0]) if total is None else int(total)
-    u = torch.rand(total, generator=generator, device="cpu", dtype=torch.float64)[offset:offset + y.shape[0]]
+    u = torch.rand(total, generator=generator, device=generator.device, dtype=torch.float64)[offset:offset + y.shape[0]]
     return torch.where(u.to(y.device) < float(p_uncond), torch.full_like(y, int(num_classes)), y)
 
 

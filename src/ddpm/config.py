@@ -100,6 +100,15 @@ class DataConfig:
         _check(bool(self.source), "data.source", self.source, "a dataset name or path")
 
 
+def _auto_bool(v):
+    """--set and JSON give strings or booleans: True, False or the lower-cased string ("auto")."""
+    if isinstance(v, str):
+        low = v.strip().lower()
+        return {"1": True, "true": True, "yes": True, "on": True,
+                "0": False, "false": False, "no": False, "off": False}.get(low, low)
+    return v
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Optimisation (paper Appendix B): Adam, linear warm-up from 0, clipping, EMA."""
@@ -118,6 +127,9 @@ class TrainConfig:
     t_sampler: str = "uniform"
     precision: str = "auto"
     compile: bool = False
+    # CUDA: capture the whole step (forward, backward, clipping, Adam, EMA) once in a CUDA graph
+    # and replay it (ddpm.training.graphstep); one process, uniform t, bf16/fp32
+    cuda_graph: bool = False
     # NHWC weights and activations: "auto" (default) times both layouts once per machine on the
     # CPU (ddpm.fast.train_channels_last); on CUDA NHWC only with compile. true/false force it.
     channels_last: bool | str = "auto"
@@ -134,7 +146,14 @@ class TrainConfig:
     # that long steps on big models never leave hours unsaved.
     save_every_minutes: float = 0.0
     keep_last: int = 3
+    # Rewrite RUN/report.html (ddpm.report: status, curves, sample grids, results) this often, in
+    # minutes, and once at the end of the run (0 = off). Rank 0 only; a failure is a warning.
+    report_every: float = 5.0
     num_workers: int = 0
+    # The whole training set on the training device as uint8, batches gathered and flipped there
+    # (no host-to-device copy of images per step): "auto" on CUDA when it takes <= 2 GiB and
+    # <= 10% of the device's memory (CIFAR-10: 150 MB), never on the CPU; true/false force it.
+    data_on_device: bool | str = "auto"
     # Label dropout for classifier-free guidance: the probability that an image's label is
     # replaced by the null label (only used when model.num_classes > 0).
     p_uncond: float = 0.1
@@ -158,6 +177,7 @@ class TrainConfig:
             v = {"1": True, "true": True, "yes": True, "on": True,
                  "0": False, "false": False, "no": False, "off": False}.get(low, low)
         object.__setattr__(self, "channels_last", v)
+        object.__setattr__(self, "data_on_device", _auto_bool(self.data_on_device))
 
     def validate(self) -> None:
         _check(self.total_steps >= 1, "train.total_steps", self.total_steps, "an integer >= 1")
@@ -182,9 +202,13 @@ class TrainConfig:
             _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "an integer >= 0 (0 disables)")
         _check(0 <= self.save_every_minutes < float("inf"), "train.save_every_minutes",
                self.save_every_minutes, "a number of minutes >= 0 (0 disables)")
+        _check(0 <= self.report_every < float("inf"), "train.report_every", self.report_every,
+               "a number of minutes >= 0 (0 disables)")
         _check(self.sample_n >= 1, "train.sample_n", self.sample_n, "an integer >= 1")
         _check(self.keep_last >= 1, "train.keep_last", self.keep_last, "an integer >= 1")
         _check(self.num_workers >= 0, "train.num_workers", self.num_workers, "an integer >= 0")
+        _check(self.data_on_device is True or self.data_on_device is False or self.data_on_device == "auto",
+               "train.data_on_device", self.data_on_device, "auto, true or false")
         _check(0.0 <= self.p_uncond <= 1.0, "train.p_uncond", self.p_uncond, "a probability in [0, 1]")
         try:
             parse_loss_weighting(self.loss_weighting)

@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "convert": "convert",
     "data": "data",
     "config": "config",
+    "report": "report",
 }
 
 

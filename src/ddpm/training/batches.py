@@ -9,6 +9,11 @@ uninterrupted run would have seen.
 With ``num_workers > 0`` a ``DataLoader`` decodes batches ahead of time in worker processes. It
 is fed by a second sampler that runs ahead; the checkpointed state comes from the first, which
 advances exactly once per consumed batch.
+
+With the data on the device (:meth:`BatchSource.put_on_device`, ``train.data_on_device``) the
+whole training set is kept there as uint8 [N, H, W, C] once; a step then sends only its
+indices and flip bits (asynchronously, from pinned memory) and gathers and flips on the device.
+The batches are the same bytes either way.
 """
 
 from __future__ import annotations
@@ -95,6 +100,15 @@ class BatchSource:
         self.pin_memory = pin_memory
         self._make = lambda: EpochSampler(len(dataset), global_batch, seed, flip)
         self._iter = None
+        self.images: torch.Tensor | None = None  # uint8 [N, H, W, C] on the device (put_on_device)
+
+    def put_on_device(self, device: torch.device) -> int:
+        """Decode the whole dataset once into uint8 [N, H, W, C] on ``device``; :meth:`next` then
+        gathers there. Returns the bytes it takes."""
+        self.images = torch.from_numpy(np.ascontiguousarray(_gather(self.dataset, np.arange(len(self.dataset)))))
+        self.images = self.images.to(device)
+        self._iter = None
+        return self.images.numel() * self.images.element_size()
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()
@@ -115,7 +129,17 @@ class BatchSource:
         self._iter = iter(loader)
 
     def next(self) -> torch.Tensor:
-        """uint8 tensor [b, H, W, C] of this rank's part of the next global batch."""
+        """uint8 tensor [b, H, W, C] of this rank's part of the next global batch (on the device
+        after :meth:`put_on_device`, else on the CPU)."""
+        if self.images is not None:
+            indices, flips = self.sampler.next()
+            idx, fl = np.asarray(indices)[self.lo:self.hi], np.asarray(flips)[self.lo:self.hi]
+            self._note_labels(idx)
+            dev = self.images.device
+            i = to_device_async(torch.from_numpy(np.ascontiguousarray(idx)), dev)
+            f = to_device_async(torch.from_numpy(np.ascontiguousarray(fl)), dev)
+            x = self.images.index_select(0, i)
+            return torch.where(f[:, None, None, None], x.flip(2), x)  # left-right: the W axis
         if self.num_workers == 0:
             from ..data import apply_flips
 
@@ -135,3 +159,24 @@ class BatchSource:
 
     def close(self) -> None:
         self._iter = None
+
+
+def to_device_async(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` on ``device``; a CPU tensor bound for a GPU goes through pinned memory with
+    ``non_blocking=True``, so the host does not wait for the device's queue to drain (a copy
+    from pageable memory would)."""
+    if x.device == device or device.type == "cpu":
+        return x.to(device)
+    if x.device.type == "cpu" and not x.is_pinned():
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
+def data_fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """``train.data_on_device=auto``: on CUDA when the uint8 images take <= 2 GiB and <= 10% of
+    the device's memory (room for the model, its activations and the optimiser); never on the
+    CPU, where the images are in host memory already."""
+    if device.type != "cuda":
+        return False
+    total = torch.cuda.get_device_properties(device).total_memory
+    return nbytes <= min(2 << 30, total // 10)

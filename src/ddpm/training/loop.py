@@ -15,6 +15,13 @@ half ended on its own, by a graceful stop, or by a crash after a checkpoint.
 The step counter counts consumed batches, including skipped non-finite steps; Adam's own step
 count only counts applied updates. After train.max_nonfinite_in_row skipped steps in a row the
 run stops without writing a checkpoint.
+
+No host round trip between log lines: a step only queues device work (:mod:`.step`); its
+loss statistics, gradient norm and guard flag stay on the device until the loop reads the
+whole window at once, every ``train.log_every`` steps and before a checkpoint or a stop
+(:mod:`.hostsync` names every such read). Skipped steps are therefore reported, and a diverged
+run stopped, at the next such read rather than at the step itself; skipped steps change
+nothing, so what is saved is the same.
 """
 
 from __future__ import annotations
@@ -36,18 +43,22 @@ from ..fast import train_channels_last
 from ..winograd import winograd_convs
 from . import layout
 from .ema import EMA
+from .hostsync import host_reads
 from .lock import RunLock, RunLockedError
 from .grids import score_grid, shows_raw, write_sample_grid
-from .observe import MetricsWriter, Progress, Window
+from .observe import LiveReport, MetricsWriter, Progress, Window
 from .optim import make_optimizer
 from .precision import resolve_precision
 from .state import (RunFolder, check_resume_compatible, check_train_meta, find_resume_checkpoint, refuse_overwrite,
                     step_of)
-from .step import DROPOUT_STREAM, INIT_STREAM, Batch, StepResult, TrainParts, stream_seed, train_step
+from .step import DROPOUT_STREAM, INIT_STREAM, Batch, TrainParts, stream_seed, train_step
 from .stop import Interrupted, StopSignals
 from .tsampler import make_t_sampler
 
 __all__ = ["train", "NonFiniteLossError", "stream_seed"]
+
+# With train.log_every=0 the step records are still read (and memory bounded) this often.
+MAX_PENDING = 1000
 
 
 class NonFiniteLossError(UserError):
@@ -205,6 +216,11 @@ class _Trainer:
         if tc.compile:
             parts.train_model = torch.compile(parts.train_model)
         parts.model.train()
+        self.graph = None
+        if tc.cuda_graph:
+            from .graphstep import StepGraph
+
+            self.graph = StepGraph(parts)  # captured at its first call (after a few undone warm-up steps)
 
     def _open_data(self):
         from ..data import open_dataset
@@ -218,11 +234,23 @@ class _Trainer:
         batches = BatchSource(ds, cfg.train.batch_size, cfg.train.seed, cfg.data.random_flip,
                               env.rank, env.world_size, cfg.train.num_workers, pin_memory=env.device.type == "cuda",
                               labels=labels)
+        self._data_on_device(batches, ds)
         self.log(f"data: {cfg.data.source}: {len(ds)} images; global batch {cfg.train.batch_size} = "
                  f"{env.world_size} process(es) × {local}"
                  + (f" ({cfg.train.grad_accum} micro-batches of {local // cfg.train.grad_accum})"
                     if cfg.train.grad_accum > 1 else ""))
         return batches
+
+    def _data_on_device(self, batches, ds) -> None:
+        """``train.data_on_device``: keep the uint8 training set on the device (auto: on CUDA when it fits)."""
+        from .batches import data_fits_on_device
+
+        cfg, dev = self.cfg, self.env.device
+        nbytes = len(ds) * cfg.model.resolution ** 2 * cfg.model.in_channels
+        setting = cfg.train.data_on_device
+        if setting is True or (setting == "auto" and data_fits_on_device(nbytes, dev)):
+            batches.put_on_device(dev)
+            self.log(f"data: the training set is kept on {dev} ({nbytes / 2 ** 20:.1f} MiB as uint8)")
 
     def _class_labels(self, ds):
         """A conditional run's labels (DataError if the data has none or one is out of range); the
@@ -311,27 +339,29 @@ class _Trainer:
         sig = self.stop.signum or 0
         due = minutes > 0 and time.monotonic() - last_save >= 60.0 * minutes
         if self.env.distributed:  # any rank's signal stops all of them at this same step
-            flags = torch.tensor([sig, int(due)], dtype=torch.int64, device=self.env.device)
-            D.all_reduce_max(flags)
-            sig, due = int(flags[0]), bool(flags[1])
+            with host_reads("stop"):  # one small read per step, under torchrun only
+                flags = torch.tensor([sig, int(due)], dtype=torch.int64, device=self.env.device)
+                D.all_reduce_max(flags)
+                sig, due = int(flags[0]), bool(flags[1])
         return sig, due
 
     # ------------------------------------------------------------------------------------ loop
 
     def run(self, resume: str | None) -> dict:
         tc, env = self.cfg.train, self.env
-        path, tensors, meta = self._choose_start(resume)
-        parts = self.parts = self._build()
-        batches = self._open_data()
-        if path is not None:
-            counters = self._restore(parts, batches, path, tensors, meta)
-            del tensors
-        else:
-            counters = layout.Counters()
-            self._seed_dropout(0)
-        self._wrap(parts)
-        writer = self._open_outputs(path is not None, counters, parts)
-        D.barrier()
+        with host_reads("setup"):
+            path, tensors, meta = self._choose_start(resume)
+            parts = self.parts = self._build()
+            batches = self._open_data()
+            if path is not None:
+                counters = self._restore(parts, batches, path, tensors, meta)
+                del tensors
+            else:
+                counters = layout.Counters()
+                self._seed_dropout(0)
+            self._wrap(parts)
+            writer = self._open_outputs(path is not None, counters, parts)
+            D.barrier()
         if counters.step >= tc.total_steps:
             self.log(f"already at step {counters.step} >= train.total_steps={tc.total_steps}; nothing to do "
                      f"(raise train.total_steps to train longer)")
@@ -339,7 +369,9 @@ class _Trainer:
         start_step, t_start = counters.step, time.perf_counter()
         window = Window(int(parts.diffusion.num_timesteps))
         shown = {"loss": None, "last": None}
+        pending: list[tuple[int, float, torch.Tensor]] = []  # (step, lr, StepResult.record()) not yet read
         stopped_by = 0
+        report = LiveReport(self.run_dir.root, tc.report_every, self.log) if env.is_main else None
         with contextlib.ExitStack() as stack:
             # Kept open for the whole run: its scratch memory is allocated once, not at every step.
             # Not under torch.compile, which compiles the direct convolution.
@@ -351,23 +383,42 @@ class _Trainer:
                 stack.callback(writer.close)
             stopped_by = self._poll(last_save)[0] if counters.step < tc.total_steps else 0
             while counters.step < tc.total_steps and not stopped_by:
-                from ..images import to_model
-
-                x0 = to_model(batches.next(), env.device)
-                kwargs = {} if batches.last_labels is None else {"y": batches.last_labels.to(env.device)}
-                result = train_step(parts, Batch(x0, kwargs), counters.step)
+                x0, kwargs = self._next_batch(batches)
+                if self.graph is not None:
+                    result = self.graph(Batch(x0, kwargs), counters.step)
+                else:
+                    result = train_step(parts, Batch(x0, kwargs), counters.step)
                 counters.step += 1
+                pending.append((counters.step, result.lr, result.record()))
+                window.tick(tc.batch_size)
+                self.bar.update()
                 if tc.sample_every and counters.step % tc.sample_every == 0 and env.is_main:
-                    self._sample_grid(parts, counters.step)  # before the log: its score joins the record
-                self._account(result, counters, window, shown, last_ckpt, writer, t_start)
-                stopped_by, time_due = self._poll(last_save)
+                    with host_reads("samples"):  # before the log: the grid's score joins its record
+                        self._sample_grid(parts, counters.step, writer)
+                log_now = bool(tc.log_every and counters.step % tc.log_every == 0)
+                if log_now or len(pending) >= MAX_PENDING:
+                    self._flush(pending, counters, window, shown, last_ckpt)
+                if log_now:
+                    rec = window.record(counters.step, result.lr, counters.skipped, time.perf_counter() - t_start)
+                    rec.update(self.__dict__.pop("grid_score", None) or {})
+                    shown["last"] = rec["loss"]
+                    if writer is not None:
+                        writer.write(rec)
+                    window.reset()
+                stopped_by, time_due = self._poll(last_save)  # after sampling: a signal during it stops here
                 if (stopped_by or time_due or counters.step == tc.total_steps
                         or (tc.save_every and counters.step % tc.save_every == 0)):
+                    self._flush(pending, counters, window, shown, last_ckpt)  # counters first, then save
                     if saved_step != counters.step:
-                        last_ckpt, saved_step = self._save(parts, batches, counters), counters.step
+                        with host_reads("checkpoint"):
+                            last_ckpt, saved_step = self._save(parts, batches, counters), counters.step
                         last_save = time.monotonic()
                     if not stopped_by:  # a signal that came during this write: its step is saved, stop now
                         stopped_by = self._poll(last_save)[0]
+                if report is not None and report.due():
+                    report.write(live=True)
+            if report is not None:
+                report.write(live=False)  # the run's final state (finished, or stopped by a signal)
         elapsed = time.perf_counter() - t_start
         done = counters.step - start_step
         last_loss = shown["last"]
@@ -387,21 +438,48 @@ class _Trainer:
                 "steps_per_s": done / elapsed if done and elapsed > 0 else None,
                 "rank": env.rank, "world_size": env.world_size, "stopped_by": stopped_by or None}
 
-    def _account(self, result: StepResult, counters: layout.Counters, window: Window, shown: dict,
-                 last_ckpt: str | None, writer: MetricsWriter | None, t_start: float) -> None:
-        """Book one finished step: non-finite guard, progress bar, metrics.jsonl."""
-        tc, step = self.cfg.train, counters.step
-        window.tick(tc.batch_size)
-        if result.applied:
-            counters.in_row = 0
-            window.add(result.stats.tolist(), result.grad_norm)
-            loss = float(result.stats[0] / result.stats[1])
-            shown["loss"] = loss if shown["loss"] is None else 0.9 * shown["loss"] + 0.1 * loss
-        else:
+    def _next_batch(self, batches) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This rank's next batch on the device: x0 float32 [b, C, H, W] and the model kwargs.
+        Host batches reach a GPU by an asynchronous copy from pinned memory (a plain copy from
+        pageable memory would wait for the device)."""
+        from ..images import to_model
+
+        from .batches import to_device_async
+
+        dev = self.env.device
+        images = to_device_async(batches.next(), dev)
+        labels = batches.last_labels
+        kwargs = {} if labels is None else {"y": to_device_async(labels, dev)}
+        return to_model(images), kwargs
+
+    def _flush(self, pending: list, counters: layout.Counters, window: Window, shown: dict,
+               last_ckpt: str | None) -> None:
+        """Read the pending step records (the loop's one host read per window) and book them."""
+        if pending:
+            with host_reads("window"):
+                self._account(pending, counters, window, shown, last_ckpt)
+            pending.clear()
+
+    def _account(self, pending: list[tuple[int, float, torch.Tensor]], counters: layout.Counters, window: Window,
+                 shown: dict, last_ckpt: str | None) -> None:
+        """Book the finished steps of ``pending`` (one host read for all): non-finite guard,
+        progress bar, the window's sums."""
+        if not pending:
+            return
+        tc = self.cfg.train
+        rows = torch.stack([r for _, _, r in pending]).tolist()
+        for (step, _lr, _), row in zip(pending, rows):
+            stats, grad_norm, applied = row[:10], row[10], row[11] > 0.5
+            if applied:
+                counters.in_row = 0
+                window.add(stats, grad_norm)
+                loss = stats[0] / stats[1]
+                shown["loss"] = loss if shown["loss"] is None else 0.9 * shown["loss"] + 0.1 * loss
+                continue
             counters.skipped += 1
             counters.in_row += 1
-            self.log(f"step {step}: non-finite loss or gradient norm (loss sum {float(result.stats[0])}, "
-                     f"grad norm {result.grad_norm}); step skipped ({counters.in_row} in a row, "
+            self.log(f"step {step}: non-finite loss or gradient norm (loss sum {stats[0]}, "
+                     f"grad norm {grad_norm}); step skipped ({counters.in_row} in a row, "
                      f"{counters.skipped} in total)")
             if counters.in_row >= tc.max_nonfinite_in_row:
                 raise NonFiniteLossError(
@@ -409,18 +487,9 @@ class _Trainer:
                     f"{step} (train.max_nonfinite_in_row={tc.max_nonfinite_in_row}); no checkpoint "
                     f"was written with these values. Resume from the last checkpoint "
                     f"({last_ckpt or 'none'}) with a lower train.lr or train.precision=fp32")
-        self.bar.update()
-        if step % 10 == 0 or step == tc.total_steps:
-            self.bar.set_loss(shown["loss"], counters.skipped)
-        if tc.log_every and step % tc.log_every == 0:
-            rec = window.record(step, result.lr, counters.skipped, time.perf_counter() - t_start)
-            rec.update(self.__dict__.pop("grid_score", None) or {})
-            shown["last"] = rec["loss"]
-            if writer is not None:
-                writer.write(rec)
-            window.reset()
+        self.bar.set_loss(shown["loss"], counters.skipped)
 
-    def _sample_grid(self, parts: TrainParts, step: int) -> None:
+    def _sample_grid(self, parts: TrainParts, step: int, writer: MetricsWriter | None = None) -> None:
         """EMA samples with fixed seeds (early on also the raw weights', :mod:`.grids`); the training
         RNG streams are left exactly as they were. A stop signal cuts the sampling short (no file
         is written for this step)."""
@@ -439,3 +508,5 @@ class _Trainer:
             self.grid_score = {"grid_step": step, **score}  # written with the next metrics record
         self.log(f"step {step}: samples -> {path}" + (" (left EMA, right the raw weights)" if raw is not None else "")
                  + (f"; digits Fréchet distance of these {score['grid_n']} {score['grid_fd']:.3g}" if score else ""))
+        if writer is not None:
+            writer.add_grid(path, step)

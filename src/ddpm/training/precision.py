@@ -22,11 +22,13 @@ class Precision:
     device_type: str              # "cuda" or "cpu"
     scaler: torch.amp.GradScaler | None
 
+    cache_enabled: bool = True    # autocast's weight-cast cache; off while capturing a CUDA graph
+
     def autocast(self):
         """Context manager for the forward pass (a no-op for fp32)."""
         if self.dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device_type, dtype=self.dtype)
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype, cache_enabled=self.cache_enabled)
 
 
 def resolve_precision(name: str, device: torch.device) -> Precision:

@@ -8,7 +8,10 @@ is still an unbiased estimate of the uniform-t loss. Before that warm-up it samp
 with weight 1.
 
 Both draw from a ``torch.Generator`` passed in, so the trainer controls reproducibility, and
-both return (t int64 [B], weights float32 [B]) on CPU.
+return (t int64 [B], weights float32 [B]) on the generator's device. ``on_device`` says whether a
+sampler can draw on an accelerator: the uniform one can (the training step then never waits for
+the host); the importance sampler keeps its loss history on the CPU, draws there and needs the
+losses on the host after every step.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import torch
 class UniformSampler:
     """t ~ U{0..T-1}; all weights 1."""
 
+    on_device = True
+
     def __init__(self, num_timesteps: int):
         self.num_timesteps = int(num_timesteps)
 
@@ -27,8 +32,9 @@ class UniformSampler:
         return torch.full((self.num_timesteps,), 1.0 / self.num_timesteps, dtype=torch.float64)
 
     def sample(self, batch_size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        t = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, dtype=torch.int64)
-        return t, torch.ones(batch_size, dtype=torch.float32)
+        dev = generator.device
+        t = torch.randint(0, self.num_timesteps, (batch_size,), generator=generator, dtype=torch.int64, device=dev)
+        return t, torch.ones(batch_size, dtype=torch.float32, device=dev)
 
     def update(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         """Nothing to learn."""
@@ -48,6 +54,8 @@ class LossSecondMomentSampler(UniformSampler):
         history: losses remembered per t (10 in improved-diffusion).
         uniform_prob: weight of the uniform component of the mixture (0.001).
     """
+
+    on_device = False
 
     def __init__(self, num_timesteps: int, history: int = 10, uniform_prob: float = 1e-3):
         super().__init__(num_timesteps)

@@ -72,9 +72,10 @@ def loss_weights(spec: str, alphas_cumprod: np.ndarray, mean_type: str) -> np.nd
 
 
 @lru_cache(maxsize=8)
-def weight_table(cfg) -> "object | None":
-    """float32 CPU tensor [T] of :func:`loss_weights` for a run config, or None for ``none``
-    (the paper's L_simple: no multiplication, so such runs stay bit-identical)."""
+def weight_table(cfg, device=None) -> "object | None":
+    """float32 tensor [T] on ``device`` (default the CPU) of :func:`loss_weights` for a run config,
+    or None for ``none`` (the paper's L_simple: no multiplication, so such runs stay bit-identical).
+    Made once per (config, device): a captured step (``train.cuda_graph``) only gathers from it."""
     import torch
 
     from ..schedule import get_beta_schedule
@@ -84,4 +85,4 @@ def weight_table(cfg) -> "object | None":
         return None
     d = cfg.diffusion
     abar = np.cumprod(1.0 - get_beta_schedule(d.beta_schedule, d.num_timesteps, d.beta_start, d.beta_end))
-    return torch.from_numpy(loss_weights(spec, abar, d.mean_type)).float()
+    return torch.from_numpy(loss_weights(spec, abar, d.mean_type)).float().to(device or "cpu")
