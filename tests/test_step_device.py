@@ -85,13 +85,16 @@ def test_the_checker_refuses_host_reads_and_restores_torch():
     assert "item" not in vars(torch.Tensor) and "__bool__" not in vars(torch.Tensor)
 
 
-@pytest.mark.parametrize("variant", ["fp32", "bf16+accum", "conditional", "fused"])
+@pytest.mark.parametrize("variant", ["fp32", "bf16+accum", "conditional", "fused", "recipes"])
 def test_train_step_reads_nothing_on_the_host(variant):
     from ddpm.training.step import train_step
 
     model = replace(MODEL, num_classes=3) if variant == "conditional" else MODEL
     cfg = tiny_config(model, precision="bf16" if variant.startswith("bf16") else "fp32",
                       grad_accum=2 if variant.endswith("accum") else 1)
+    if variant == "recipes":  # Min-SNR weights, a decaying LR and the EMA ramp (ddpm.training.schedules)
+        cfg = replace(cfg, train=replace(cfg.train, loss_weighting="min_snr:5", lr_schedule="cosine",
+                                         ema_warmup="ramp"))
     parts = make_parts(cfg, fused=variant == "fused")
     before = [p.detach().clone() for p in parts.params]
     results = []
@@ -316,6 +319,8 @@ def test_step_graph_refuses_what_it_cannot_capture():
         StepGraph(make_parts(tiny_config()))
     with pytest.raises(ConfigError, match="t_sampler=uniform"):
         StepGraph(make_parts(tiny_config(t_sampler="importance")), capture=False)
+    with pytest.raises(ConfigError, match="ema_warmup=none"):
+        StepGraph(make_parts(tiny_config(ema_warmup="ramp")), capture=False)
 
 
 @pytest.mark.slow

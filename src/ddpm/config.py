@@ -17,7 +17,8 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, get_args, get_origin, get_type_hints
 
 from .errors import ConfigError, suggest
-from .options import BETA_SCHEDULES, LOSS_TYPES, MEAN_TYPES, PRECISIONS, T_SAMPLERS, VAR_TYPES
+from .options import (BETA_SCHEDULES, EMA_WARMUPS, LOSS_TYPES, LR_SCHEDULES, MEAN_TYPES, PRECISIONS, T_SAMPLERS,
+                      VAR_TYPES, parse_loss_weighting)
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,17 @@ class TrainConfig:
     # Label dropout for classifier-free guidance: the probability that an image's label is
     # replaced by the null label (only used when model.num_classes > 0).
     p_uncond: float = 0.1
+    # Recipes since the paper (ddpm.training.weighting / schedules); the defaults are the paper's.
+    # Loss weight per t: none (L_simple) | min_snr:G (Hang et al. 2023) | p2:K,G (Choi et al. 2022).
+    loss_weighting: str = "none"
+    # LR after warm-up: constant (the paper) | cosine | linear (to 0 at total_steps).
+    lr_schedule: str = "constant"
+    # EMA decay warm-up: none (the paper) | ramp (min(ema_decay, (1+n)/(10+n)) at update n).
+    ema_warmup: str = "none"
+    # Progress grids (every sample_every steps): a few-step solver from the sampler registry and
+    # its network calls (grid_steps 0 = the full T-step chain of grid_sampler).
+    grid_sampler: str = "dpm++2m"
+    grid_steps: int = 20
 
     def __post_init__(self) -> None:
         # --set and JSON give strings or booleans: store True, False or "auto"
@@ -198,6 +210,17 @@ class TrainConfig:
         _check(self.data_on_device is True or self.data_on_device is False or self.data_on_device == "auto",
                "train.data_on_device", self.data_on_device, "auto, true or false")
         _check(0.0 <= self.p_uncond <= 1.0, "train.p_uncond", self.p_uncond, "a probability in [0, 1]")
+        try:
+            parse_loss_weighting(self.loss_weighting)
+        except ValueError as e:
+            raise ConfigError(f"invalid value for train.loss_weighting: {self.loss_weighting!r}; expected {e}") from None
+        _choice(self.lr_schedule, LR_SCHEDULES, "train.lr_schedule")
+        _choice(self.ema_warmup, EMA_WARMUPS, "train.ema_warmup")
+        _check(self.grid_steps >= 0, "train.grid_steps", self.grid_steps,
+               "an integer >= 0 (network calls per progress grid; 0 = the full chain)")
+        from .samplers import names as sampler_names  # the registry is the samplers' one declaration
+
+        _choice(self.grid_sampler, sampler_names(), "train.grid_sampler")
 
 
 @dataclass(frozen=True)
@@ -218,6 +241,13 @@ class Config:
     def validate(self) -> "Config":
         for part in (self.model, self.diffusion, self.data, self.train):
             part.validate()
+        if parse_loss_weighting(self.train.loss_weighting)[0] != "none":
+            # the weight multiplies the MSE of eps / x0 / v (ddpm.training.weighting)
+            _check(self.diffusion.loss_type == "mse", "train.loss_weighting", self.train.loss_weighting,
+                   f"none with diffusion.loss_type={self.diffusion.loss_type} (a weighting needs loss_type=mse)")
+            _check(self.diffusion.mean_type in ("eps", "xstart", "v"), "train.loss_weighting",
+                   self.train.loss_weighting,
+                   f"none with diffusion.mean_type={self.diffusion.mean_type} (a weighting needs eps, xstart or v)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -244,6 +244,40 @@ def measure_step(cfg: Config, device, world_size: int = 1, batch: Optional[int] 
                        update_bytes=int(update))
 
 
+def measure_grid_call(cfg: Config, device) -> float:
+    """Seconds of one network call on a progress grid's ``train.sample_n`` images (no gradients,
+    eval mode, the run's precision; the faster of two timed calls after an untimed one). The
+    global RNG state is restored afterwards."""
+    import torch
+
+    from .diffusion import call_model
+    from .nets.unet import UNet
+    from .training.precision import resolve_precision
+
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    b = min(cfg.train.sample_n, 256)
+    c, r = cfg.model.in_channels, cfg.model.resolution
+    with torch.random.fork_rng(devices=[device] if cuda else []), torch.no_grad():
+        torch.manual_seed(0)
+        model = UNet.from_config(cfg.model, cfg.out_channels).to(device).eval()
+        x = torch.randn(b, c, r, r, device=device)
+        t = torch.full((b,), cfg.diffusion.num_timesteps // 2, dtype=torch.long, device=device)
+        kwargs = {"y": torch.zeros(b, dtype=torch.long, device=device)} if cfg.model.num_classes > 0 else None
+        dtype = resolve_precision(cfg.train.precision, device).dtype
+        times = []
+        for _ in range(3):
+            if cuda:
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            call_model(model, x, t, dtype, kwargs)
+            if cuda:
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        del model
+    return min(times[1:]) * max(1, -(-cfg.train.sample_n // b))
+
+
 def _param_shapes(cfg: Config) -> list:
     """Parameter shapes of ``cfg``'s U-Net, built on the meta device (no memory, no RNG draws)."""
     import torch
@@ -335,24 +369,43 @@ def run_lines(cfg: Config, world_size: int = 1) -> list[str]:
     per = tc.batch_size // max(1, world_size)
     return [f"training: batch {tc.batch_size} ({world_size} process(es) x {per}"
             + (f", {tc.grad_accum} micro-batches" if tc.grad_accum > 1 else "") + f"), {tc.total_steps:,} steps, "
-            f"lr {tc.lr:g} (warm-up {tc.warmup_steps}), EMA {tc.ema_decay:g}; T = {d.num_timesteps}, "
+            f"lr {tc.lr:g} (warm-up {tc.warmup_steps}{'' if tc.lr_schedule == 'constant' else ', then ' + tc.lr_schedule + ' to 0'}), "
+            f"EMA {tc.ema_decay:g}{' (ramp)' if tc.ema_warmup == 'ramp' else ''}"
+            f"{'' if tc.loss_weighting == 'none' else ', loss weighting ' + tc.loss_weighting}; T = {d.num_timesteps}, "
             f"{d.beta_schedule} betas {d.beta_start:g}..{d.beta_end:g}, {d.mean_type}/{d.var_type}/{d.loss_type}"]
 
 
-def step_lines(cfg: Config, m: StepMeasure, device) -> list[str]:
+def grid_line(cfg: Config, call_seconds: float) -> tuple[str, float]:
+    """(the progress grids' line, their seconds in all) for a grid network call of ``call_seconds``."""
+    from .training.grids import grid_calls, grid_steps
+
+    n, calls = grid_calls(cfg)
+    k = grid_steps(cfg) or cfg.diffusion.num_timesteps
+    seconds = calls * call_seconds
+    if n == 0:
+        return "progress grids: none (train.sample_every=0)", 0.0
+    return (f"progress grids: {n} x {cfg.train.sample_n} samples ({cfg.train.grid_sampler}, {k} network calls, "
+            f"{call_seconds:.2g} s each; the raw weights beside the EMA while it holds >10% of its initial "
+            f"weights) ~ {_duration(seconds)}", seconds)
+
+
+def step_lines(cfg: Config, m: StepMeasure, device, grid_call_seconds: Optional[float] = None) -> list[str]:
     total = m.seconds * cfg.train.total_steps
     how = (f"warm-up step at batch {m.measured_batch}, scaled to {m.micro_batch}" if m.measured_batch != m.micro_batch
            else f"warm-up step at batch {m.micro_batch}")
     per = f"{m.seconds:.3g} s" if m.seconds < 100 else _duration(m.seconds)
+    grids = None
+    if grid_call_seconds is not None:
+        grids = grid_line(cfg, grid_call_seconds)
     line = (f"per step on {device}: {per} ({how}); all {cfg.train.total_steps:,} steps ~ "
-            f"{_duration(total)}")
+            f"{_duration(total)}" + (f", with the progress grids ~ {_duration(total + grids[1])}" if grids else ""))
     mem = (f"memory per step ~ {_mib(m.estimate_bytes)} (state {_mib(m.state_bytes)}: weights, gradients, Adam, "
            f"EMA; activations {_mib(m.activation_bytes)})")
     if m.cuda_peak_bytes is not None:
         mem += f"; measured CUDA peak {_mib(m.cuda_peak_bytes)}"
     if not cfg.model.checkpointing and m.activation_bytes > 2 * m.state_bytes and cfg.model.resolution >= 64:
         mem += "; model.checkpointing=true trades ~1 more forward pass for most of the activations"
-    return [line, "  " + mem]
+    return [line, "  " + mem] + (["  " + grids[0]] if grids else [])
 
 
 def fit_line(cfg: Config, m: StepMeasure, device, free_total: Optional[tuple[int, int]] = None) -> Optional[str]:
@@ -396,11 +449,14 @@ def loader_line(cfg: Config, rate: float, m: StepMeasure, source_kind: str) -> s
 
 
 def build_plan(cfg: Config, device, preset: Optional[str] = None, size_note: str = "", world_size: int = 1,
-               measure: bool | None = None) -> list[str]:
+               measure: bool | None = None, measured: Optional[tuple[StepMeasure, float]] = None,
+               extra: Optional[list[str]] = None) -> list[str]:
     """All plan lines for ``cfg`` on ``device``. Never raises for unreadable data (the trainer will).
 
-    ``measure``: run the warm-up step for the time and memory lines; None (default) = yes unless
-    the environment sets ``DDPM_PLAN_WARMUP=0`` (scripts that start many short runs).
+    ``measure``: run the warm-up step (and time a progress grid's network call) for the time and
+    memory lines; None (default) = yes unless the environment sets ``DDPM_PLAN_WARMUP=0`` (scripts
+    that start many short runs). ``measured``: (step measure, grid call seconds) already taken
+    (``--minutes`` measures before it plans); ``extra``: lines printed after the run's line.
     """
     import os
 
@@ -423,16 +479,18 @@ def build_plan(cfg: Config, device, preset: Optional[str] = None, size_note: str
             lines.append(note)
     lines += model_lines(cfg, count_parameters(cfg), size_note)
     lines += run_lines(cfg, world_size)
-    if measure:
+    lines += list(extra or [])
+    if measure or measured is not None:
         from .training.oom import oom_errors
 
         try:
-            m = measure_step(cfg, device, world_size)
+            m, call_s = measured if measured is not None else (measure_step(cfg, device, world_size),
+                                                               measure_grid_call(cfg, device))
         except oom_errors():
             lines.append(f"warning: memory: the warm-up step at the run's micro-batch ran out of memory on {device}; "
                          f"the trainer will split each batch into micro-batches (or set train.grad_accum)")
             return lines
-        lines += step_lines(cfg, m, device)
+        lines += step_lines(cfg, m, device, call_s)
         fit = fit_line(cfg, m, device)
         if fit:
             lines.append(fit)

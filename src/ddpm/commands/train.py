@@ -43,6 +43,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--size", default=None, choices=MODEL_SIZES,
                    help="with --data and no --preset: the network's size family (tiny: minutes on a CPU; small: "
                         "one GPU; base: the paper's width) (default: tiny on a CPU, small on a GPU)")
+    t.add_argument("--minutes", type=float, default=None, metavar="M",
+                   help="a time budget: train.total_steps (with 4 progress grids and checkpoints, the LR "
+                        "schedule's length) planned from a measured step so that the run takes about M minutes "
+                        "here; written into the run's config.json, so --resume auto does not plan again "
+                        "(default: the config's train.total_steps)")
     t.add_argument("--resolution", type=POS, default=None, metavar="N",
                    help=f"with --data and no --preset: train at NxN ({', '.join(map(str, RESOLUTIONS))}) "
                         "(default: the largest of these not above the smallest image's shorter side, at most 256)")
@@ -97,6 +102,22 @@ def _config_from_data(source: str, size: str | None, resolution: int | None, dev
     return config_for(res, sv.channels, size or _default_size(device), source)
 
 
+def _apply_minutes(args: argparse.Namespace, cfg: Config, out: Path, dev, world: int):
+    """``--minutes``: (config with the planned total_steps, the measurements for the plan, [its line])
+    (:func:`ddpm.budget.plan_minutes`); a resume keeps the run's own plan."""
+    minutes = getattr(args, "minutes", None)
+    if minutes is None:
+        return cfg, None, []
+    from ..training.state import RunFolder
+
+    if args.resume is not None and RunFolder(out).checkpoints():
+        return cfg, None, [f"time budget: --minutes {minutes:g} not applied: resuming {out}, whose config keeps "
+                           f"train.total_steps={cfg.train.total_steps:,}"]
+    from ..budget import plan_minutes
+
+    return plan_minutes(cfg, minutes, dev, world)
+
+
 def run(args: argparse.Namespace) -> None:
     cfg = resolve_train_config(args)
     out = Path(args.out or f"runs/{cfg.preset}")
@@ -105,11 +126,12 @@ def run(args: argparse.Namespace) -> None:
     if args.resume not in (None, "auto") and not Path(args.resume).is_file():
         raise UserError(f"--resume {args.resume}: no such checkpoint file (use 'auto' or a ckpt_*.safetensors path)")
     world = int(os.environ.get("WORLD_SIZE", "1"))
+    dev = _device(args.device)
+    cfg, measured, budget = _apply_minutes(args, cfg, out, dev, world)
     if args.dry_run:
         print(cfg.to_json())
         print(f"model: {count_parameters(cfg):,} parameters; output channels {cfg.out_channels}")
         print(f"run folder: {out}; world size {world}; per-rank batch {cfg.train.batch_size // max(world, 1)}")
-    dev = _device(args.device)
     if int(os.environ.get("RANK", "0")) == 0:  # the plan: once, before the first step (ddpm.plan)
         from ..options import MODEL_SIZES
         from ..plan import build_plan
@@ -117,7 +139,8 @@ def run(args: argparse.Namespace) -> None:
         note, family = "", cfg.preset.rstrip("0123456789")
         if args.preset is None and args.data is not None and args.resume is None and family in MODEL_SIZES:
             note = f" (size {family}; --size {'|'.join(MODEL_SIZES)}, --resolution N)"
-        for line in build_plan(cfg, dev, preset=args.preset, size_note=note, world_size=world):
+        for line in build_plan(cfg, dev, preset=args.preset, size_note=note, world_size=world, measured=measured,
+                               extra=budget):
             print(line, flush=True)
     if args.dry_run:
         return

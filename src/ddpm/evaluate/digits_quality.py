@@ -165,6 +165,32 @@ def load_classifier(cache_dir: str | os.PathLike | None = None) -> dict[str, Any
     return z
 
 
+def shrink_enlarged(u8: np.ndarray) -> np.ndarray:
+    """uint8 [N, R, R, C] samples of a model trained on the digits enlarged to R (a multiple of 8)
+    -> uint8 [N, 8, 8, C]: the least-squares inverse of the enlargement (the 8x8 image whose
+    bilinear enlargement, as :mod:`ddpm.datasets.digits` makes it, is closest to the sample).
+
+    A plain block mean is no inverse: the real digits enlarged to 32x32 and box-shrunk score a
+    Fréchet distance of ~28 against ~2.1 unresized, this inverse gives the originals back within
+    one grey level (the operator's condition number is ~3 at 32x32)."""
+    n, r = u8.shape[0], u8.shape[1]
+    if r == 8:
+        return u8
+    if r % 8 or u8.shape[2] != r:
+        raise DataError(f"digits quality shrinks square samples of a multiple of 8 pixels, got {u8.shape[1:3]}")
+    from PIL import Image
+
+    A = np.empty((r * r, 64))
+    for j in range(64):  # the enlargement is linear: its matrix, column by column
+        e = np.zeros((8, 8), np.float32)
+        e.flat[j] = 1.0
+        A[:, j] = np.asarray(Image.fromarray(e).resize((r, r), Image.BILINEAR), np.float64).ravel()
+    pinv = np.linalg.pinv(A)
+    x = u8.astype(np.float64).transpose(0, 3, 1, 2).reshape(-1, r * r) @ pinv.T
+    out = np.clip(np.round(x), 0, 255).astype(np.uint8).reshape(n, u8.shape[3], 8, 8)
+    return out.transpose(0, 2, 3, 1)
+
+
 def _as_digits(samples: Any) -> np.ndarray:
     u8 = load_samples(samples)
     if u8.shape[1:3] != (8, 8):

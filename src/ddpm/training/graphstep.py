@@ -46,6 +46,8 @@ def check_graph_supported(parts: TrainParts, capture: bool = True) -> None:
         problems.append("train.t_sampler=uniform (the importance sampler reads losses on the host)")
     if parts.precision.scaler is not None:
         problems.append("train.precision bf16 or fp32 (fp16's loss scaler is not captured)")
+    if tc.ema_warmup != "none":
+        problems.append("train.ema_warmup=none (the captured EMA update keeps the decay of its capture)")
     if capture and not is_fused(parts.optimizer):
         problems.append("the fused Adam (the CUDA default)")
     if problems:

@@ -46,7 +46,8 @@ from . import layout
 from .ema import EMA
 from .hostsync import host_reads
 from .lock import RunLock, RunLockedError
-from .observe import LiveReport, MetricsWriter, Progress, Window, write_sample_grid
+from .grids import score_grid, shows_raw, write_sample_grid
+from .observe import LiveReport, MetricsWriter, Progress, Window
 from .oom import SplitOnOOM
 from .optim import make_optimizer
 from .precision import resolve_precision
@@ -402,6 +403,9 @@ class _Trainer:
                 pending.append((counters.step, result.lr, result.record()))
                 window.tick(tc.batch_size)
                 self.bar.update()
+                if tc.sample_every and counters.step % tc.sample_every == 0 and env.is_main:
+                    with host_reads("samples"):  # before the log: the grid's score joins its record
+                        self._sample_grid(parts, counters.step, writer)
                 log_now = bool(tc.log_every and counters.step % tc.log_every == 0)
                 if log_now or len(pending) >= MAX_PENDING:
                     self._flush(pending, counters, window, shown, last_ckpt)
@@ -409,13 +413,11 @@ class _Trainer:
                     rec = window.record(counters.step, result.lr, counters.skipped, time.perf_counter() - t_start)
                     if self.cfg.data.skip_bad_images:  # bad image files skipped so far (this process)
                         rec["skipped_images"] = self.batches.skipped_images
+                    rec.update(self.__dict__.pop("grid_score", None) or {})
                     shown["last"] = rec["loss"]
                     if writer is not None:
                         writer.write(rec)
                     window.reset()
-                if tc.sample_every and counters.step % tc.sample_every == 0 and env.is_main:
-                    with host_reads("samples"):
-                        self._sample_grid(parts, counters.step, writer)
                 stopped_by, time_due = self._poll(last_save)  # after sampling: a signal during it stops here
                 if (stopped_by or time_due or counters.step == tc.total_steps
                         or (tc.save_every and counters.step % tc.save_every == 0)):
@@ -513,17 +515,23 @@ class _Trainer:
         self.bar.set_loss(shown["loss"], counters.skipped)
 
     def _sample_grid(self, parts: TrainParts, step: int, writer: MetricsWriter | None = None) -> None:
-        """EMA samples with fixed seeds; the training RNG streams are left exactly as they were.
-        A stop signal cuts the sampling short (no file is written for this step)."""
+        """EMA samples with fixed seeds (early on also the raw weights', :mod:`.grids`); the training
+        RNG streams are left exactly as they were. A stop signal cuts the sampling short (no file
+        is written for this step)."""
         path = self.run_dir.sample_path(step)
         devices = [self.env.device] if self.env.device.type == "cuda" else []
+        raw = parts.model if shows_raw(self.cfg, step) else None
         try:
             with self.stop.interruptible(), torch.random.fork_rng(devices=devices):
-                write_sample_grid(path, parts.diffusion, parts.ema.module, self.cfg, self.env.device,
-                                  parts.precision.dtype)
+                u8 = write_sample_grid(path, parts.diffusion, parts.ema.module, self.cfg, self.env.device,
+                                       parts.precision.dtype, raw_model=raw)
         except Interrupted:
             self.log(f"step {step}: sample grid skipped (stopping)")
             return
-        self.log(f"step {step}: samples -> {path}")
+        score = score_grid(self.cfg, u8)  # quality against time where a scorer exists (digits)
+        if score is not None:
+            self.grid_score = {"grid_step": step, **score}  # written with the next metrics record
+        self.log(f"step {step}: samples -> {path}" + (" (left EMA, right the raw weights)" if raw is not None else "")
+                 + (f"; digits Fréchet distance of these {score['grid_n']} {score['grid_fd']:.3g}" if score else ""))
         if writer is not None:
             writer.add_grid(path, step)

@@ -1,5 +1,6 @@
-"""What a training run shows and records: metrics.jsonl, optional TensorBoard, a progress bar,
-PNG grids of EMA samples and the report page (RUN/report.html). Only rank 0 creates these.
+"""What a training run shows and records: metrics.jsonl, optional TensorBoard, a progress bar and
+the report page (RUN/report.html); the PNG grids of samples are :mod:`.grids`'s. Only rank 0
+creates these.
 
 ``metrics.jsonl`` gets one JSON object every ``train.log_every`` steps with
 
@@ -223,25 +224,3 @@ class Progress:
         if self.bar is not None:
             self.bar.close()
 
-
-def write_sample_grid(path: Path, diffusion, ema_model: torch.nn.Module, cfg, device: torch.device,
-                      amp_dtype: torch.dtype | None) -> None:
-    """EMA samples for the fixed seeds sample_seed .. sample_seed+sample_n-1 -> one PNG grid
-    (class-conditional runs: image k of class k mod C, plain conditional, one row per class)."""
-    from ..images import grid_scale, save_grid, to_uint8
-    from ..sampling import sample
-
-    tc = cfg.train
-    seeds = list(range(tc.sample_seed, tc.sample_seed + tc.sample_n))
-    shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
-    C = int(getattr(cfg.model, "num_classes", 0))
-    labels = torch.arange(len(seeds)) % C if C > 0 else None
-    x = sample(diffusion, ema_model, shape, seeds, batch_size=min(tc.sample_n, 256), device=device,
-               amp_dtype=amp_dtype, progress=False, model_kwargs=None if labels is None else {"y": labels})
-    if labels is None:
-        save_grid(to_uint8(x), path, scale=grid_scale(cfg.model.resolution))
-    else:
-        from ..conditioning import class_grid
-
-        cells, cols = class_grid(to_uint8(x), labels.numpy())
-        save_grid(cells, path, nrow=cols, scale=grid_scale(cfg.model.resolution))

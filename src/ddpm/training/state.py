@@ -38,6 +38,8 @@ RESUMABLE_FIELDS = frozenset({
     # the memory layout changes only the rounding of the same arithmetic (runs written before
     # "auto" became the default stored false)
     "train.channels_last",
+    # what the progress grids are drawn with: no effect on the weights
+    "train.grid_sampler", "train.grid_steps",
 })
 
 

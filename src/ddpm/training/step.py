@@ -3,14 +3,16 @@
 ``train_step(parts, batch, step)`` does exactly what the trainer does at 0-based step index
 ``step`` (``step`` updates already done):
 
-1. LR = lr·min(step/warmup, 1) (0 at step 0).
+1. LR = lr·min(step/warmup, 1) (0 at step 0), then ``train.lr_schedule`` (:mod:`.schedules`).
 2. t and ε for the whole *global* batch come from generators on the training device seeded by
    (train.seed, step), so they depend neither on the number of processes nor on resuming; each
    rank takes its slice. (The generators are made once per run and re-seeded every step.)
 3. The rank's examples are split into ``grad_accum`` micro-batches; each contributes
-   mean(w·L)/grad_accum to the gradient (w = importance weights, 1 for uniform t), and DDP
+   mean(w·L)/grad_accum to the gradient (w = importance weights, 1 for uniform t, times the
+   ``train.loss_weighting`` weight of each t, :mod:`.weighting`), and DDP
    averages over ranks, so the gradient is that of the full-batch mean loss.
-4. Global-norm clipping at train.grad_clip, then Adam, then the EMA update. A non-finite loss
+4. Global-norm clipping at train.grad_clip, then Adam, then the EMA update (decay from
+   ``train.ema_warmup``, :mod:`.schedules`). A non-finite loss
    or gradient norm skips step 4 (no weight, optimiser or EMA change).
 
 No host round trip: with uniform t nothing in the step reads a device value on the host. The
@@ -44,7 +46,9 @@ from ..config import Config
 from .ema import EMA
 from .guard import guarded_step
 from .observe import batch_stats
-from .optim import grad_norm_and_clip, set_lr, warmup_lr
+from .optim import grad_norm_and_clip, set_lr
+from .schedules import ema_decay_at, lr_at
+from .weighting import weight_table
 
 # Stream identifiers mixed into the per-step seeds (any fixed distinct numbers).
 T_STREAM, NOISE_STREAM, DROPOUT_STREAM, INIT_STREAM = 1, 2, 3, 4
@@ -173,6 +177,9 @@ def _draw(cfg: Config, t_sampler, device: torch.device, rng: StepGenerators
     tc = cfg.train
     on_device = getattr(t_sampler, "on_device", False)
     t, w = t_sampler.sample(tc.batch_size, rng.t if on_device else rng.t_cpu)
+    table = weight_table(cfg, t.device)  # train.loss_weighting (None: L_simple, no multiplication)
+    if table is not None:
+        w = w * table[t]
     shape = (tc.batch_size, cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
     noise = torch.randn(shape, generator=rng.noise, device=device)
     return t.to(device), w.to(device), noise
@@ -217,11 +224,12 @@ def train_step(parts: TrainParts, batch: Batch, step: int) -> StepResult:
 
 
 def begin_step(parts: TrainParts, step: int) -> float:
-    """The host's share of step ``step``: set the warmed-up LR, seed the step's generators.
-    Returns the LR."""
+    """The host's share of step ``step``: set the LR (warm-up and ``train.lr_schedule``) and the
+    EMA decay (``train.ema_warmup``), seed the step's generators. Returns the LR."""
     tc = parts.cfg.train
-    lr = warmup_lr(step, tc.lr, tc.warmup_steps)
+    lr = lr_at(step, tc)
     set_lr(parts.optimizer, lr)
+    parts.ema.decay = ema_decay_at(step, tc)
     parts.rng.seed(tc.seed, step)
     return lr
 
