@@ -344,7 +344,7 @@ def test_pipeline_folder_bin_weights_and_scheduler(tmp_path):
 
 
 @pytest.mark.parametrize("sched,field", [
-    (dict(prediction_type="v_prediction"), "prediction_type"),
+    (dict(prediction_type="flow_prediction"), "prediction_type"),  # v_prediction is our v
     (dict(variance_type="learned"), "variance_type"),
     (dict(beta_schedule="sigmoid"), "beta_schedule"),
 ])

@@ -11,7 +11,7 @@ sampler registry (:func:`ddpm.samplers.names`), which is their one declaration.
 from __future__ import annotations
 
 # Diffusion parameterisation (paper section 3.2 and 4; Table 2's rows).
-MEAN_TYPES = ("eps", "xstart", "xprev")
+MEAN_TYPES = ("eps", "xstart", "xprev", "v")  # v: Salimans & Ho 2022, section 4
 VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
 LOSS_TYPES = ("mse", "kl", "rescaled_kl", "hybrid")
 
