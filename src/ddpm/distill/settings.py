@@ -1,0 +1,100 @@
+"""A distillation's settings, its phases and the student's config.
+
+Defaults (chosen by measurement on the digits model that ``make demo`` trains; README "Four
+network calls: progressive distillation"):
+
+- ``start``: 64 DDIM steps (:func:`ddpm.distill.grid.default_start`), ``steps``: 4.
+- ``phase_steps``: 600 optimiser steps per halving phase at the teacher's batch size.
+- ``lr``: half the teacher's train.lr, warm-up 5 % of a phase, then linear decay to 0
+  (Salimans & Ho, ICLR 2022, section 5: each phase's LR decays linearly to 0).
+- ``ema_decay``: min(teacher's train.ema_decay, 1 - 10 / phase_steps): an average over about a
+  tenth of a phase (Salimans & Ho use a short EMA or none), so each phase's result is its
+  own last weights, lightly averaged.
+- ``v_warmup``: 0 optimiser steps: no 1:1 warm-up phase; the first halving phase starts from the
+  eps teacher's weights read as v (see README for the measurement that chose this).
+- ``clip``: the teacher's x0 predictions are clamped to [-1, 1], as the teacher samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields, replace
+
+from ..config import Config
+from ..errors import ConfigError
+from .grid import check_steps, default_start, grids
+from .phase import Phase
+
+DEFAULT_STEPS = 4
+DEFAULT_PHASE_STEPS = 600
+# settings that may differ when a run folder is continued: more phases only append
+RESUMABLE = frozenset({"steps", "save_every", "log_every"})
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    start: int
+    steps: int = DEFAULT_STEPS
+    phase_steps: int = DEFAULT_PHASE_STEPS
+    lr: float = 5e-4
+    warmup_frac: float = 0.05
+    batch_size: int = 128
+    ema_decay: float = 0.99
+    v_warmup: int = 0
+    seed: int = 0
+    clip: bool = True
+    save_every: int = 200
+    log_every: int = 50
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DistillSettings":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def check(self, num_timesteps: int) -> "DistillSettings":
+        check_steps(self.steps, self.start, num_timesteps)
+        for name, v, lo in (("--phase-steps", self.phase_steps, 1), ("--batch-size", self.batch_size, 1),
+                            ("--v-warmup", self.v_warmup, 0), ("--save-every", self.save_every, 1)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ConfigError(f"{name} {v}: expected an integer >= {lo}")
+        if not (self.lr > 0):
+            raise ConfigError(f"--lr {self.lr}: expected a positive learning rate")
+        if not (0 <= self.ema_decay < 1):
+            raise ConfigError(f"--ema-decay {self.ema_decay}: expected a number in [0, 1)")
+        return self
+
+
+def default_settings(teacher_cfg: Config, **overrides) -> DistillSettings:
+    """The defaults of the module doc for this teacher, with ``overrides`` (None = default)."""
+    tc = teacher_cfg.train
+    L = overrides.get("phase_steps") or DEFAULT_PHASE_STEPS
+    base = DistillSettings(start=default_start(teacher_cfg.diffusion.num_timesteps), phase_steps=L,
+                           lr=tc.lr / 2, batch_size=tc.batch_size, ema_decay=min(tc.ema_decay, 1 - 10 / L))
+    given = {k: v for k, v in overrides.items() if v is not None}
+    return replace(base, **given).check(teacher_cfg.diffusion.num_timesteps)
+
+
+def phases(settings: DistillSettings, num_timesteps: int) -> list[Phase]:
+    """The phases in order: the optional v warm-up (same grid), then one per halving."""
+    g = grids(num_timesteps, settings.start, settings.steps)
+    out: list[Phase] = []
+    warm = max(1, round(settings.warmup_frac * settings.phase_steps))
+    if settings.v_warmup > 0:
+        out.append(Phase(0, g[0], g[0], settings.v_warmup, settings.lr, max(1, round(settings.warmup_frac
+                                                                                      * settings.v_warmup)),
+                         settings.ema_decay))
+    for a, b in zip(g, g[1:]):
+        out.append(Phase(len(out), a, b, settings.phase_steps, settings.lr, warm, settings.ema_decay))
+    return out
+
+
+def student_config(teacher_cfg: Config, settings: DistillSettings) -> Config:
+    """The teacher's config with v-prediction (Salimans & Ho section 4) and the distillation's
+    batch size, LR, seed and EMA decay (what the checkpoint records)."""
+    return replace(teacher_cfg,
+                   diffusion=replace(teacher_cfg.diffusion, mean_type="v"),
+                   train=replace(teacher_cfg.train, batch_size=settings.batch_size, lr=settings.lr,
+                                 seed=settings.seed, ema_decay=settings.ema_decay, warmup_steps=0,
+                                 grad_accum=1, compile=False)).validate()
