@@ -199,3 +199,78 @@ def test_settings_that_change_the_optimisation_are_refused_and_more_phases_can_b
     assert r["steps"] == 2 and r["optimizer_steps"] == 4
     from ddpm.distill import list_students
     assert sorted(list_students(tmp_path / "a")) == [2, 4]
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+def test_student_sampler_is_the_package_ddim_on_its_kept_steps():
+    from ddpm.distill import sample_student
+    from ddpm.samplers import get
+    from ddpm.samplers.base import Chain as ChainT, Denoiser
+    from ddpm.rng import ImageNoise
+
+    cfg = tiny_cfg(mean_type="v")
+    d = GaussianDiffusion.from_config(cfg.diffusion)
+    model = UNet.from_config(cfg.model, cfg.out_channels).eval()
+    kept = (3, 7, 11, 15)
+    ours = sample_student(model, d, kept, (1, 8, 8), range(5), batch_size=3)
+    chain = ChainT(d, kept, torch.device("cpu"))
+    noise = ImageNoise(list(range(5)), (1, 8, 8), torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        ref = get("ddim")(chain).run(Denoiser(model, chain, 5), noise.next(), noise)
+    assert torch.allclose(ours, ref, atol=1e-5)
+    one = sample_student(model, d, (15,), (1, 8, 8), range(2))  # a 1-step student: x0 of its one call
+    z = ImageNoise([0, 1], (1, 8, 8), torch.device("cpu"), torch.float32).next()
+    with torch.no_grad():
+        v = model(z, torch.full((2,), 15))
+    a, s = float(d.alphas_cumprod[15]) ** 0.5, float(1 - d.alphas_cumprod[15]) ** 0.5
+    assert torch.allclose(one, (a * z - s * v).clamp(-1, 1), atol=1e-6)
+
+
+def test_choose_student_picks_the_step_count_and_names_the_ones_there_are(tmp_path):
+    from ddpm.distill import choose_student
+    from ddpm.errors import CheckpointError
+
+    teacher = make_teacher(tmp_path / "teacher.safetensors", tiny_cfg())
+    _distill(teacher, tmp_path / "run", _settings(steps=2, phase_steps=1))
+    path, kept = choose_student(tmp_path / "run", None)
+    assert path.name == "steps_0002.safetensors" and kept == (7, 15)
+    path, kept = choose_student(tmp_path / "run", 4)
+    assert path.name == "steps_0004.safetensors" and kept == (3, 7, 11, 15)
+    with pytest.raises(CheckpointError, match="--steps 8: .* has students for 2, 4 steps"):
+        choose_student(tmp_path / "run", 8)
+    assert choose_student(teacher, None) is None
+
+
+# ------------------------------------------------------------------------------------ diffusers export
+
+def test_a_student_exports_to_a_diffusers_ddim_scheduler_that_samples_it(tmp_path):
+    pytest.importorskip("diffusers")
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    from ddpm.api import load
+    from ddpm.distill import sample_student
+    from ddpm.distill.export import student_scheduler
+    from ddpm.interop.diffusers import to_diffusers_dir
+    from ddpm.rng import ImageNoise
+
+    teacher = make_teacher(tmp_path / "teacher.safetensors", tiny_cfg())
+    _distill(teacher, tmp_path / "run", _settings(steps=2, phase_steps=2))
+    student = tmp_path / "run" / "students" / "steps_0002.safetensors"
+    out = to_diffusers_dir(student, tmp_path / "hf")
+    sched = DDIMScheduler.from_pretrained(out)
+    assert sched.config.prediction_type == "v_prediction"
+    unet = UNet2DModel.from_pretrained(out).eval()
+    sched.set_timesteps(2)
+    assert sched.timesteps.tolist() == [15, 7]
+    x = ImageNoise([0, 1, 2], (1, 8, 8), torch.device("cpu"), torch.float32).next()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
+    model, d, _, _ = load(student, device="cpu")
+    ours = sample_student(model, d, (7, 15), (1, 8, 8), [0, 1, 2])
+    assert torch.allclose(x, ours, atol=1e-4)
+    # a 16-step student of T = 200 is not walkable by diffusers' DDIM (it steps by T // K = 12)
+    kept16 = grid.grids(200, 64, 16)[-1]
+    assert student_scheduler({"num_train_timesteps": 200}, kept16)[0] is None
+    assert student_scheduler({"num_train_timesteps": 200}, grid.grids(200, 64, 8)[-1])[0] is not None

@@ -188,6 +188,7 @@ class _Distiller:
             if p >= len(plist) or plist[p].student_grid != tuple(d.get("kept", ())):
                 raise CheckpointError(f"{path}: phase {p} does not match this distillation's phases")
             restore = (path, tensors, meta)
+        self._print_plan(tcfg, scfg, plist, min(p, len(plist) - 1), offsets[p] + s if p < len(plist) else offsets[-1])
         t0, done, stopped, last_student = time.perf_counter(), 0, 0, None
         self.bar = Progress(self.progress, offsets[p] + s, offsets[-1])
         try:
@@ -229,6 +230,18 @@ class _Distiller:
                 "student": None if last_student is None else str(last_student),
                 "global_step": offsets[p] + s if p < len(plist) else offsets[-1],
                 "stopped_by": stopped or None, "seconds": secs, "optimizer_steps": done}
+
+    def _print_plan(self, tcfg: Config, scfg: Config, plist: list[Phase], p: int, done: int) -> None:
+        from .plan import measure_distill_step, plan_lines, warmup_enabled
+
+        secs = None
+        if warmup_enabled():
+            teacher_net, teacher_diff, init = self._teacher_of(0, tcfg, scfg, plist)
+            secs = measure_distill_step(teacher_net, teacher_diff, self._parts(scfg, plist[p], init), plist[p],
+                                        self.device)
+        src = json.loads((self.run_dir.root / files.INFO).read_text())["teacher"]
+        for line in plan_lines(tcfg, src, plist, secs, done):
+            self.log(line)
 
     def _phase(self, parts: TrainParts, teacher, teacher_diff, phase: Phase, batches, s: int, offset: int
                ) -> tuple[int, int, int]:

@@ -630,10 +630,16 @@ def to_diffusers_dir(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, w
     from ..api import load_weights
     from ..checkpoint import atomic_write_bytes
 
-    path, state, cfg, _ = load_weights(ckpt_path, weights)
+    path, state, cfg, meta = load_weights(ckpt_path, weights)
     unet_cfg = model_to_diffusers_config(cfg.model, cfg.out_channels)
     theirs = state_dict_to_diffusers(state)
     sched, why = diffusion_to_scheduler_config(cfg.diffusion)
+    pipeline = "DDPMPipeline"
+    if sched is not None and (meta.get("distill") or {}).get("kept"):  # a distilled student: DDIM on its steps
+        from ..distill.export import student_scheduler
+
+        sched, why = student_scheduler(sched, meta["distill"]["kept"])
+        pipeline = "DDIMPipeline"
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -643,8 +649,8 @@ def to_diffusers_dir(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, w
     if sched is not None:
         _write_json(out / SCHEDULER_NAME, sched)
         _write_json(out / "model_index.json", {
-            "_class_name": "DDPMPipeline", "_diffusers_version": _diffusers_version(),
-            "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]})
+            "_class_name": pipeline, "_diffusers_version": _diffusers_version(),
+            "scheduler": ["diffusers", sched["_class_name"]], "unet": ["diffusers", "UNet2DModel"]})
     else:
         for name in (SCHEDULER_NAME, "model_index.json"):
             (out / name).unlink(missing_ok=True)
