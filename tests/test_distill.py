@@ -274,3 +274,49 @@ def test_a_student_exports_to_a_diffusers_ddim_scheduler_that_samples_it(tmp_pat
     kept16 = grid.grids(200, 64, 16)[-1]
     assert student_scheduler({"num_train_timesteps": 200}, kept16)[0] is None
     assert student_scheduler({"num_train_timesteps": 200}, grid.grids(200, 64, 8)[-1])[0] is not None
+
+
+# ------------------------------------------------------------------------------------ command line
+
+def _cli(argv, capsys):
+    from ddpm.cli import main
+
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.parametrize("extra,msg", [(["--steps", "3"], "--steps 3: expected a power of two"),
+                                       (["--steps", "32", "--start", "16"], "--steps 32: expected fewer steps"),
+                                       (["--start", "32"], "--start 32: the teacher has T=16 steps")])
+def test_distill_command_errors_are_one_line_exit_2(tmp_path, capsys, extra, msg):
+    teacher = make_teacher(tmp_path / "teacher.safetensors", tiny_cfg())
+    rc, _, err = _cli(["distill", "--ckpt", teacher, "--out", tmp_path / "run", *extra], capsys)
+    assert rc == 2 and msg in err and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()  # nothing written
+    rc, _, err = _cli(["distill", "--ckpt", tmp_path / "nope", "--out", tmp_path / "run"], capsys)
+    assert rc == 2 and "no such checkpoint file or run folder" in err and err.count("\n") == 1
+
+
+def test_sample_command_picks_the_requested_student(tmp_path, capsys, monkeypatch):
+    from ddpm.api import load
+    from ddpm.distill import sample_student
+    from ddpm.images import to_uint8
+
+    monkeypatch.setenv("DDPM_PLAN_WARMUP", "0")
+    teacher = make_teacher(tmp_path / "teacher.safetensors", tiny_cfg())
+    rc, out, _ = _cli(["distill", "--ckpt", teacher, "--out", tmp_path / "run", "--start", "8", "--steps", "2",
+                       "--phase-steps", "1", "--batch-size", "4", "--no-progress"], capsys)
+    assert rc == 0 and "2-step student" in out
+    rc, out, _ = _cli(["sample", "--ckpt", tmp_path / "run", "--steps", "4", "--n", "3", "--out", tmp_path / "s.npz",
+                       "--no-progress"], capsys)
+    assert rc == 0 and "4-step student" in out and "[3, 7, 11, 15]" in out
+    student = tmp_path / "run" / "students" / "steps_0004.safetensors"
+    model, d, _, _ = load(student, device="cpu")
+    want = to_uint8(sample_student(model, d, (3, 7, 11, 15), (1, 8, 8), range(3)))
+    assert np.array_equal(np.load(tmp_path / "s.npz")["arr_0"], want)
+    rc, out, _ = _cli(["sample", "--ckpt", tmp_path / "run", "--n", "2", "--out", tmp_path / "t.npz", "--no-progress"],
+                      capsys)
+    assert rc == 0 and "2-step student" in out  # default: the last (fewest steps) student
+    rc, _, err = _cli(["sample", "--ckpt", tmp_path / "run", "--steps", "8", "--out", tmp_path / "u.npz"], capsys)
+    assert rc == 2 and "has students for 2, 4 steps" in err

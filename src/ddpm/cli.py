@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="1 (grey) or 3 (RGB) (default: 3 if any image is in a colour mode, else 1)")
     dp.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    from . import cmd_distill
+
+    cmd_distill.add_parser(sub)
     g = sub.add_parser("config", help="list presets or print one", formatter_class=_FMT)
     gsub = g.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
     gsub.required = True
@@ -298,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from . import commands
+    from . import cmd_distill, commands
 
     handler = {
         "train": commands.cmd_train,
@@ -307,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         "convert": commands.cmd_convert,
         "config": commands.cmd_config,
         "data": commands.cmd_data,
+        "distill": cmd_distill.run,
     }[args.command]
     try:
         handler(args)

@@ -19,7 +19,7 @@ HELP = "progressive distillation: a student that samples in a few network calls 
 def add_parser(sub) -> argparse.ArgumentParser:
     from .distill.settings import DEFAULT_PHASE_STEPS, DEFAULT_STEPS
 
-    d = sub.add_parser("distill", help=HELP, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    d = sub.add_parser("distill", help=HELP, 
                        description="Distil a model (a run folder or checkpoint file, also one converted from "
                                    "diffusers) into a v-prediction student that takes one deterministic DDIM step "
                                    "where its teacher took two, halving from --start steps down to --steps. Each "
@@ -29,11 +29,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "again continues exactly where it stopped, and a smaller --steps appends phases.")
     d.add_argument("--ckpt", required=True, metavar="TEACHER", help="teacher: checkpoint file or run folder")
     d.add_argument("--out", required=True, metavar="RUN", help="distillation run folder (created, or continued)")
-    d.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="the last student's DDIM steps (a power of two)")
+    d.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"the last student's DDIM steps, a power of two (default: {DEFAULT_STEPS})")
     d.add_argument("--start", type=int, default=None,
                    help="the first teacher chain's DDIM steps, a power of two <= T (default: min(64, largest "
                         "power of two <= T))")
-    d.add_argument("--phase-steps", type=int, default=DEFAULT_PHASE_STEPS, help="optimiser steps per halving")
+    d.add_argument("--phase-steps", type=int, default=DEFAULT_PHASE_STEPS, help=f"optimiser steps per halving phase (default: {DEFAULT_PHASE_STEPS})")
     d.add_argument("--lr", type=float, default=None, help="peak learning rate of each phase, linear decay to 0 "
                    "(default: half the teacher's train.lr)")
     d.add_argument("--batch-size", type=int, default=None, help="images per step (default: the teacher's)")
@@ -41,8 +41,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="student EMA decay (default: min(teacher's, 1 - 10/phase-steps))")
     d.add_argument("--v-warmup", type=int, default=0,
                    help="optimiser steps of a 1:1 phase distilling the teacher into v before the first halving "
-                        "(0: none; the first halving starts from the teacher's weights read as v)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the data order, noise and positions")
+                        "(default 0: none; the first halving starts from the teacher's weights read as v)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the data order, noise and positions (default: 0)")
     d.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     return d

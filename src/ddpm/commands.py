@@ -103,6 +103,10 @@ def cmd_train(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------------------------------- sample
 
 def cmd_sample(args: argparse.Namespace) -> None:
+    from .cmd_distill import sample_distilled
+
+    if sample_distilled(args):  # a distillation run or student file: DDIM on the student's kept steps
+        return
     from .api import load
     from .images import grid_scale, save_grid, to_uint8
     from .sampling import sample

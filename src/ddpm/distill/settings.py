@@ -71,7 +71,7 @@ def default_settings(teacher_cfg: Config, **overrides) -> DistillSettings:
     tc = teacher_cfg.train
     L = overrides.get("phase_steps") or DEFAULT_PHASE_STEPS
     base = DistillSettings(start=default_start(teacher_cfg.diffusion.num_timesteps), phase_steps=L,
-                           lr=tc.lr / 2, batch_size=tc.batch_size, ema_decay=min(tc.ema_decay, 1 - 10 / L))
+                           lr=tc.lr / 2, batch_size=tc.batch_size, ema_decay=min(tc.ema_decay, max(0.0, 1 - 10 / L)))
     given = {k: v for k, v in overrides.items() if v is not None}
     return replace(base, **given).check(teacher_cfg.diffusion.num_timesteps)
 
