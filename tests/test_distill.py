@@ -122,8 +122,8 @@ def test_bad_step_counts_are_one_line_config_errors(steps, start, msg):
         grid.check_steps(steps, start, 16)
 
 
-def test_default_start_is_64_or_the_largest_power_of_two():
-    assert grid.default_start(200) == 64 and grid.default_start(1000) == 64 and grid.default_start(20) == 16
+def test_default_start_is_32_or_the_largest_power_of_two():
+    assert grid.default_start(200) == 32 and grid.default_start(1000) == 32 and grid.default_start(20) == 16
     s = default_settings(tiny_cfg(T=16))
     assert s.start == 16 and s.steps == 4 and len(phases(s, 16)) == 2
 

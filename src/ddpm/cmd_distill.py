@@ -31,12 +31,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, metavar="RUN", help="distillation run folder (created, or continued)")
     d.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"the last student's DDIM steps, a power of two (default: {DEFAULT_STEPS})")
     d.add_argument("--start", type=int, default=None,
-                   help="the first teacher chain's DDIM steps, a power of two <= T (default: min(64, largest "
+                   help="the first teacher chain's DDIM steps, a power of two <= T (default: min(32, largest "
                         "power of two <= T))")
     d.add_argument("--phase-steps", type=int, default=DEFAULT_PHASE_STEPS, help=f"optimiser steps per halving phase (default: {DEFAULT_PHASE_STEPS})")
     d.add_argument("--lr", type=float, default=None, help="peak learning rate of each phase, linear decay to 0 "
                    "(default: half the teacher's train.lr)")
-    d.add_argument("--batch-size", type=int, default=None, help="images per step (default: the teacher's)")
+    d.add_argument("--batch-size", type=int, default=None,
+                   help="images per step (default: half the teacher's train.batch_size)")
     d.add_argument("--ema-decay", type=float, default=None,
                    help="student EMA decay (default: min(teacher's, 1 - 10/phase-steps))")
     d.add_argument("--v-warmup", type=int, default=0,

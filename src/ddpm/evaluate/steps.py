@@ -96,6 +96,8 @@ def run_steps(diffusion, model, shape: Sequence[int], quality: Callable[[np.ndar
 def _label(row: Mapping[str, Any]) -> str:
     if row["full"]:
         return f"ancestral, full {row['nfe']}-step chain"
+    if row["sampler"] == "distilled":
+        return "distilled student (DDIM)"
     extra = [row["spacing"], "clip" if row["clip"] else "no clip"]
     if row["var"] == "analytic":
         extra.append("analytic var")
@@ -203,7 +205,10 @@ def command(args) -> None:
     spacings = [check_spacing(s.strip()) for s in args.spacing.split(",") if s.strip()]
     clips = {"on": [True], "off": [False], "both": [True, False]}[args.clip]
     dev = _device(args.device)
-    model, diffusion, cfg, meta = load(args.ckpt, device=dev)
+    from ..distill.evaluate import student_rows, teacher_path
+
+    # a distillation run: the solvers sample its teacher, its students add their own rows
+    model, diffusion, cfg, meta = load(teacher_path(args.ckpt), device=dev)
     shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
     if args.ref is not None:
         quality = fid_quality_fn(args.ref, args.split, dev, args.inception_weights)
@@ -221,6 +226,8 @@ def command(args) -> None:
                      clips=clips, seed=args.seed, batch_size=args.batch_size, device=dev, eta=args.eta, var=args.var,
                      gamma=gamma, full_chain=args.full, amp_dtype=_amp(args.precision),
                      progress=not args.no_progress)
+    rows += student_rows(args.ckpt, quality, n=args.n, seed=args.seed, batch_size=args.batch_size, device=dev,
+                         max_nfe=max(nfes), amp_dtype=_amp(args.precision))
     meta_out = {"ckpt": str(args.ckpt), "step": meta.get("step"), "n": args.n, "seed": args.seed, "eta": args.eta}
     paths = save_steps(rows, out, meta_out)
     print(format_table(rows))
