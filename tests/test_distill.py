@@ -125,7 +125,9 @@ def test_bad_step_counts_are_one_line_config_errors(steps, start, msg):
 def test_default_start_is_32_or_the_largest_power_of_two():
     assert grid.default_start(200) == 32 and grid.default_start(1000) == 32 and grid.default_start(20) == 16
     s = default_settings(tiny_cfg(T=16))
-    assert s.start == 16 and s.steps == 4 and len(phases(s, 16)) == 2
+    assert s.start == 16 and s.steps == 4 and s.v_warmup == s.phase_steps // 2
+    ph = phases(s, 16)
+    assert [p.describe() for p in ph] == ["16 -> 16 (v warm-up)", "16 -> 8", "8 -> 4"]
 
 
 # ------------------------------------------------------------------------------------ runs and resume
@@ -232,13 +234,14 @@ def test_choose_student_picks_the_step_count_and_names_the_ones_there_are(tmp_pa
     from ddpm.errors import CheckpointError
 
     teacher = make_teacher(tmp_path / "teacher.safetensors", tiny_cfg())
-    _distill(teacher, tmp_path / "run", _settings(steps=2, phase_steps=1))
+    _distill(teacher, tmp_path / "run", _settings(steps=2, phase_steps=1, v_warmup=1))
     path, kept = choose_student(tmp_path / "run", None)
     assert path.name == "steps_0002.safetensors" and kept == (7, 15)
     path, kept = choose_student(tmp_path / "run", 4)
     assert path.name == "steps_0004.safetensors" and kept == (3, 7, 11, 15)
-    with pytest.raises(CheckpointError, match="--steps 8: .* has students for 2, 4 steps"):
-        choose_student(tmp_path / "run", 8)
+    assert choose_student(tmp_path / "run", 8)[1] == grid.start_grid(16, 8)  # the v warm-up's student
+    with pytest.raises(CheckpointError, match="--steps 16: .* has students for 2, 4, 8 steps"):
+        choose_student(tmp_path / "run", 16)
     assert choose_student(teacher, None) is None
 
 

@@ -40,9 +40,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="images per step (default: half the teacher's train.batch_size)")
     d.add_argument("--ema-decay", type=float, default=None,
                    help="student EMA decay (default: min(teacher's, 1 - 10/phase-steps))")
-    d.add_argument("--v-warmup", type=int, default=0,
-                   help="optimiser steps of a 1:1 phase distilling the teacher into v before the first halving "
-                        "(default 0: none; the first halving starts from the teacher's weights read as v)")
+    d.add_argument("--v-warmup", type=int, default=None,
+                   help="optimiser steps of a 1:1 phase distilling the teacher into the v parameterisation before "
+                        "the first halving (default: half of --phase-steps; 0: none, the first halving then starts "
+                        "from the teacher's weights read as v)")
     d.add_argument("--seed", type=int, default=0, help="seed of the data order, noise and positions (default: 0)")
     d.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
