@@ -24,7 +24,8 @@ T_SAMPLERS = ("uniform", "importance")          # train.t_sampler
 
 # Sampling / evaluation on the command line.
 SAMPLE_PRECISIONS = ("fp32", "bf16")            # --precision of ddpm sample / eval
-TIMESTEP_SPACINGS = ("trailing", "leading", "linspace", "quadratic", "logsnr")  # --spacing
+# --spacing; "auto": per sampler and number of calls, the one measured best (ddpm.autospacing)
+TIMESTEP_SPACINGS = ("auto", "trailing", "leading", "linspace", "quadratic", "logsnr")
 CONV_MODES = ("auto", "winograd", "direct")     # --conv
 WEIGHTS = ("ema", "model")                      # which weights of a checkpoint
 SPLITS = ("train", "test")
