@@ -59,7 +59,7 @@ def run_steps(diffusion, model, shape: Sequence[int], quality: Callable[[np.ndar
     from .. import samplers as registry
     from ..autospacing import resolve_spacing
     from ..images import to_uint8
-    from ..sampling import sample
+    from ..sampling import make_chain, sample
 
     for name in samplers:
         registry.get(name)  # unknown names fail before any sampling
@@ -82,9 +82,12 @@ def run_steps(diffusion, model, shape: Sequence[int], quality: Callable[[np.ndar
         # auto is resolved here, on the budget (network calls), and the concrete spacing is sampled
         used = "trailing" if nfe is None else resolve_spacing(spacing, name, nfe)
         steps = None if nfe is None else steps_for_nfe(diffusion, name, nfe, used, clip, eta, options)
+        # sample() counts network calls, steps_for_nfe kept timesteps: they differ for pndm (one extra call)
+        calls = None if steps is None else registry.get(name)(make_chain(diffusion, "cpu", steps, used, clip, eta,
+                                                                         options)).nfe
         t0 = time.perf_counter()
         x = sample(diffusion, model, shape, range(seed, seed + n), batch_size=batch_size, device=device,
-                   sampler=name, steps=steps, spacing=used, eta=eta, clip_denoised=clip, amp_dtype=amp_dtype,
+                   sampler=name, steps=calls, spacing=used, eta=eta, clip_denoised=clip, amp_dtype=amp_dtype,
                    sampler_options=options)
         secs = time.perf_counter() - t0
         score, metric, *extra = quality(to_uint8(x))
