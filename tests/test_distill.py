@@ -89,6 +89,9 @@ def test_truncated_snr_weight_is_max_of_snr_and_one():
     snr = d.alphas_cumprod / (1 - d.alphas_cumprod)
     assert np.allclose(w.numpy(), np.where(snr > 1, snr, 1.0), rtol=1e-6)
     assert (snr > 1).any() and (snr < 1).any()  # both branches exercised
+    w = truncated_snr_weight(np.concatenate([[1.0], d.alphas_cumprod]), t, floor=0.05)
+    assert np.allclose(w.numpy(), [max(a / (1 - a), 0.05) for a in d.alphas_cumprod], rtol=1e-6)
+    assert (snr < 0.05).any() and ((snr > 0.05) & (snr < 1)).any()
 
 
 # ------------------------------------------------------------------------------------ kept indices

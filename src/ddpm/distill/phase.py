@@ -12,7 +12,7 @@ parameterisation). Step ``step`` (0-based, within the phase):
    dropout (class-conditional teachers) likewise, as the trainer does it, so the student learns
    the conditional and the unconditional branch and guidance works as for the teacher.
 3. z_t = alpha_t x0 + sigma_t eps at t = the student's j-th index; the target x_tilde of
-   :func:`ddpm.distill.target.two_step_target`; loss = mean_b max(SNR_t, 1) ||x_tilde - xhat||^2
+   :func:`ddpm.distill.target.two_step_target`; loss = mean_b max(SNR_t, floor) ||x_tilde - xhat||^2
    with xhat = alpha_t z_t - sigma_t v_hat.
 4. Global-norm clipping (train.grad_clip), Adam, the EMA update; a non-finite loss or gradient
    norm skips the update (as the trainer does).
@@ -109,7 +109,7 @@ def drop_labels_of(parts: TrainParts, phase: Phase, batch: Batch, step: int) -> 
 
 
 def distill_step(parts: TrainParts, teacher, teacher_diffusion, phase: Phase, batch: Batch, step: int,
-                 clip: bool = True) -> StepOut:
+                 clip: bool = True, snr_floor: float = 1.0) -> StepOut:
     """One optimiser step at 0-based phase step ``step`` (module doc). ``parts.model`` is the
     student (a v model), ``teacher`` the frozen teacher network with its own diffusion."""
     lr = phase_lr(step, phase)
@@ -125,7 +125,7 @@ def distill_step(parts: TrainParts, teacher, teacher_diffusion, phase: Phase, ba
     dev = parts.device
     x_tilde, _ = two_step_target(teacher, teacher_diffusion, z_t, tt.to(dev), t1.to(dev), t2.to(dev), abar, kwargs,
                                  clip, parts.precision.dtype)
-    weight = truncated_snr_weight(abar, tt)
+    weight = truncated_snr_weight(abar, tt, snr_floor)
     parts.optimizer.zero_grad(set_to_none=True)
     with parts.precision.autocast():
         out = parts.train_model(z_t, tt.to(dev), **kwargs)

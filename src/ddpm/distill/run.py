@@ -255,7 +255,7 @@ class _Distiller:
             while s < phase.steps:
                 x0 = to_model(batches.next(), self.device)
                 kwargs = {} if batches.last_labels is None else {"y": batches.last_labels.to(self.device)}
-                out = distill_step(parts, teacher, teacher_diff, phase, Batch(x0, kwargs), s, st.clip)
+                out = distill_step(parts, teacher, teacher_diff, phase, Batch(x0, kwargs), s, st.clip, st.snr_floor)
                 s, n = s + 1, n + 1
                 if out.applied:
                     window.append(out.loss)

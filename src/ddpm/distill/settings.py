@@ -19,6 +19,13 @@ network calls: progressive distillation"):
   first phase, whose 32-step student scored Frechet distance 11.9 against the teacher's 7.4);
   the warm-up student predicts their smooth mean instead (v is well-posed there), and the
   halvings then distil a v teacher.
+- ``snr_floor``: 0.01, the loss weight max(SNR_t, 0.01) instead of Salimans & Ho's max(SNR_t, 1).
+  Their floor weighs the x0 error at the top of the chain as much as at SNR 1, but there the
+  x0 a step must predict barely moves where it lands (its coefficient alpha_t'' - sigma_t''
+  alpha_t / sigma_t is ~0.004 at t = 199 on digits) and an eps teacher's targets are saturated
+  noise; fitting them took the network's capacity from the steps that matter. Measured on the
+  1,000-step digits checkpoint (the v warm-up on 32 steps, 200 optimiser steps, 500 samples):
+  Frechet distance 14.4 with floor 1, 8.6 with floor 0.01, the teacher's own 32-step DDIM 7.4.
 - ``clip``: the teacher's x0 predictions are clamped to [-1, 1], as the teacher samples.
 """
 
@@ -49,6 +56,7 @@ class DistillSettings:
     v_warmup: int = 0
     seed: int = 0
     clip: bool = True
+    snr_floor: float = 0.01
     save_every: int = 200
     log_every: int = 50
 
@@ -68,6 +76,8 @@ class DistillSettings:
                 raise ConfigError(f"{name} {v}: expected an integer >= {lo}")
         if not (self.lr > 0):
             raise ConfigError(f"--lr {self.lr}: expected a positive learning rate")
+        if not (self.snr_floor > 0):
+            raise ConfigError(f"--snr-floor {self.snr_floor}: expected a positive number")
         if not (0 <= self.ema_decay < 1):
             raise ConfigError(f"--ema-decay {self.ema_decay}: expected a number in [0, 1)")
         return self

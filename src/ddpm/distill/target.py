@@ -16,9 +16,10 @@ t to t'', which fixes the x0 it has to predict:
     x_tilde = (z_t'' - (sigma_t'' / sigma_t) z_t) / (alpha_t'' - (sigma_t'' / sigma_t) alpha_t).   (2)
 
 At the last step (t'' = -1: alpha = 1, sigma = 0) x_tilde = z_t'' = the teacher's x0 after its
-two steps. The loss is the x0 error weighted by the truncated SNR, w_t = max(SNR_t, 1)
-(Salimans & Ho section 4, "truncated SNR weighting"), which for a v student equals
-max(alpha_t^2, sigma_t^2) ||v_tilde - v_hat||^2.
+two steps. The loss is the x0 error weighted by the truncated SNR, w_t = max(SNR_t, floor)
+(Salimans & Ho section 4, "truncated SNR weighting", floor = 1; for a v student and floor 1 it
+equals max(alpha_t^2, sigma_t^2) ||v_tilde - v_hat||^2). The floor is a setting
+(``snr_floor``): see :mod:`ddpm.distill.settings` for why its default is 0.01.
 """
 
 from __future__ import annotations
@@ -56,10 +57,11 @@ def x_tilde_from(z_t: torch.Tensor, z_tt: torch.Tensor, a_t, s_t, a_tt, s_tt) ->
     return (z_tt - r * z_t) / (a_tt - r * a_t)
 
 
-def truncated_snr_weight(abar_ext: np.ndarray, t: torch.Tensor) -> torch.Tensor:
-    """float32 [B]: max(SNR_t, 1) with SNR_t = abar_t / (1 - abar_t), computed in float64."""
+def truncated_snr_weight(abar_ext: np.ndarray, t: torch.Tensor, floor: float = 1.0) -> torch.Tensor:
+    """float32 [B]: max(SNR_t, floor) with SNR_t = abar_t / (1 - abar_t), computed in float64
+    (Salimans & Ho's truncated SNR at floor = 1; :mod:`ddpm.distill.settings` on the default)."""
     a = torch.as_tensor(abar_ext, dtype=torch.float64)[(t.cpu() + 1)]
-    return torch.clamp(a / (1.0 - a), min=1.0).float()
+    return torch.clamp(a / (1.0 - a), min=float(floor)).float()
 
 
 @torch.no_grad()
