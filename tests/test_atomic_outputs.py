@@ -131,12 +131,13 @@ def test_killed_first_write_leaves_no_file(tmp_path, monkeypatch):
 
 
 def test_sample_command_writes_through_the_atomic_writer():
-    """The CLI's own writers are the shared ones (no private copies left in commands.py)."""
+    """The CLI's own writers are the shared ones (no private copies in any command module)."""
     import ddpm.commands as commands
 
-    src = Path(commands.__file__).read_text()
-    assert "atomic_write_npz(" in src and "atomic_write_json(" in src
-    assert "np.savez(" not in src and ".write_text(" not in src and "savefig(" not in src
+    srcs = {f.name: f.read_text() for f in Path(commands.__file__).parent.glob("*.py")}
+    assert "atomic_write_npz(" in srcs["sample.py"] and "atomic_write_json(" in srcs["eval.py"]
+    for name, src in srcs.items():
+        assert "np.savez(" not in src and ".write_text(" not in src and "savefig(" not in src, name
 
 
 def test_remove_stale_temps(tmp_path):

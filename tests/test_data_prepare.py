@@ -123,7 +123,7 @@ def test_train_from_prepared_file_uses_its_resolution(tmp_path, capsys):
     prepare(str(src), out, 16, 1)
     from argparse import Namespace
 
-    from ddpm.commands import resolve_train_config
+    from ddpm.commands.train import resolve_train_config
 
     cfg = resolve_train_config(Namespace(preset=None, data=str(out), out=None, resume=None, overrides=[],
                                          size="tiny", resolution=None, device="cpu"))

@@ -168,7 +168,7 @@ def test_warm_up_step_leaves_the_global_rng_untouched():
 def test_data_digits_alone_keeps_the_digits_preset():
     from argparse import Namespace
 
-    from ddpm.commands import resolve_train_config
+    from ddpm.commands.train import resolve_train_config
 
     args = dict(preset=None, out=None, resume=None, overrides=[], device="cpu")
     assert resolve_train_config(Namespace(data="digits", size=None, resolution=None, **args)).preset == "digits"

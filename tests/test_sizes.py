@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddpm.commands import count_parameters
+from ddpm.cliutil import count_parameters
 from ddpm.config import get_preset
 from ddpm.errors import ConfigError
 from ddpm.nets.unet import UNet

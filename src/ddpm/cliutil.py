@@ -1,4 +1,4 @@
-"""Small helpers shared by the command handlers (:mod:`ddpm.commands`, ``ddpm eval analytic``,
+"""Small helpers shared by the command handlers (the modules of :mod:`ddpm.commands`, ``ddpm eval analytic``,
 ``ddpm eval steps``, the training plan). They sit below every command module, so no handler has
 to import another's module (and the import graph stays acyclic)."""
 

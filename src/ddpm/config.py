@@ -133,6 +133,9 @@ class TrainConfig:
     # that long steps on big models never leave hours unsaved.
     save_every_minutes: float = 0.0
     keep_last: int = 3
+    # Rewrite RUN/report.html (ddpm.report: status, curves, sample grids, results) this often, in
+    # minutes, and once at the end of the run (0 = off). Rank 0 only; a failure is a warning.
+    report_every: float = 5.0
     num_workers: int = 0
     # Label dropout for classifier-free guidance: the probability that an image's label is
     # replaced by the null label (only used when model.num_classes > 0).
@@ -170,6 +173,8 @@ class TrainConfig:
             _check(getattr(self, name) >= 0, f"train.{name}", getattr(self, name), "an integer >= 0 (0 disables)")
         _check(0 <= self.save_every_minutes < float("inf"), "train.save_every_minutes",
                self.save_every_minutes, "a number of minutes >= 0 (0 disables)")
+        _check(0 <= self.report_every < float("inf"), "train.report_every", self.report_every,
+               "a number of minutes >= 0 (0 disables)")
         _check(self.sample_n >= 1, "train.sample_n", self.sample_n, "an integer >= 1")
         _check(self.keep_last >= 1, "train.keep_last", self.keep_last, "an integer >= 1")
         _check(self.num_workers >= 0, "train.num_workers", self.num_workers, "an integer >= 0")

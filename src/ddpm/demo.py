@@ -1,4 +1,4 @@
-"""``make demo``: train the default digits preset, sample, evaluate, and print a summary.
+"""``make demo``: train the default digits preset, sample, evaluate, write the report page, print a summary.
 
 Every step goes through the same ``ddpm`` command line a user types, so the demo also
 shows the commands. Re-running it resumes the finished run instead of starting over.
@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     few = [s for s in ("ddim", "dpm++2m", "unipc") if s in samplers.names()]  # a short quality-vs-NFE table
     times["steps"] = _run(["eval", "steps", "--ckpt", str(run), "--samplers", ",".join(few), "--nfe", "10,20",
                            "--n", str(min(args.n, 200)), "--batch-size", "200", "--out", str(out / "steps.json")])
+    # The run's page (ddpm report): status, curves, sample grids, and the results above.
+    times["report"] = _run(["report", str(run), "--results", str(out), "--out", str(out / "report.html")])
 
     nll = json.loads((out / "nll.json").read_text())
     q = json.loads((out / "quality.json").read_text())
@@ -73,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         cells = "  ".join(f"NFE {r['nfe']}: {r['quality']:.3f} ({r['seconds_per_image'] * 1e3:.1f} ms/image)"
                           for r in steps if r["sampler"] == name)
         print(f"    {name:<10} {cells}")
+    print(f"  report page      {out / 'report.html'}  (open it in a browser; ddpm report {run} --serve serves it)")
     print("  wall time        " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
     print("=" * 72)
     return 0

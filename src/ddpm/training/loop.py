@@ -37,7 +37,7 @@ from ..winograd import winograd_convs
 from . import layout
 from .ema import EMA
 from .lock import RunLock, RunLockedError
-from .observe import MetricsWriter, Progress, Window, write_sample_grid
+from .observe import LiveReport, MetricsWriter, Progress, Window, write_sample_grid
 from .optim import make_optimizer
 from .precision import resolve_precision
 from .state import (RunFolder, check_resume_compatible, check_train_meta, find_resume_checkpoint, refuse_overwrite,
@@ -339,6 +339,7 @@ class _Trainer:
         window = Window(int(parts.diffusion.num_timesteps))
         shown = {"loss": None, "last": None}
         stopped_by = 0
+        report = LiveReport(self.run_dir.root, tc.report_every, self.log) if env.is_main else None
         with contextlib.ExitStack() as stack:
             # Kept open for the whole run: its scratch memory is allocated once, not at every step.
             # Not under torch.compile, which compiles the direct convolution.
@@ -358,7 +359,7 @@ class _Trainer:
                 counters.step += 1
                 self._account(result, counters, window, shown, last_ckpt, writer, t_start)
                 if tc.sample_every and counters.step % tc.sample_every == 0 and env.is_main:
-                    self._sample_grid(parts, counters.step)
+                    self._sample_grid(parts, counters.step, writer)
                 stopped_by, time_due = self._poll(last_save)
                 if (stopped_by or time_due or counters.step == tc.total_steps
                         or (tc.save_every and counters.step % tc.save_every == 0)):
@@ -367,6 +368,10 @@ class _Trainer:
                         last_save = time.monotonic()
                     if not stopped_by:  # a signal that came during this write: its step is saved, stop now
                         stopped_by = self._poll(last_save)[0]
+                if report is not None and report.due():
+                    report.write(live=True)
+            if report is not None:
+                report.write(live=False)  # the run's final state (finished, or stopped by a signal)
         elapsed = time.perf_counter() - t_start
         done = counters.step - start_step
         last_loss = shown["last"]
@@ -418,7 +423,7 @@ class _Trainer:
                 writer.write(rec)
             window.reset()
 
-    def _sample_grid(self, parts: TrainParts, step: int) -> None:
+    def _sample_grid(self, parts: TrainParts, step: int, writer: MetricsWriter | None = None) -> None:
         """EMA samples with fixed seeds; the training RNG streams are left exactly as they were.
         A stop signal cuts the sampling short (no file is written for this step)."""
         path = self.run_dir.sample_path(step)
@@ -431,3 +436,5 @@ class _Trainer:
             self.log(f"step {step}: sample grid skipped (stopping)")
             return
         self.log(f"step {step}: samples -> {path}")
+        if writer is not None:
+            writer.add_grid(path, step)

@@ -1,22 +1,29 @@
 """What a training run shows and records: metrics.jsonl, optional TensorBoard, a progress bar,
-and PNG grids of EMA samples. Only rank 0 creates these.
+PNG grids of EMA samples and the report page (RUN/report.html). Only rank 0 creates these.
 
 ``metrics.jsonl`` gets one JSON object every ``train.log_every`` steps with
 
-    step, loss, loss_q0..loss_q3, grad_norm, lr, images_per_s, skipped_nonfinite, time, elapsed_s
+    step, loss, loss_q0..loss_q3, grad_norm, lr, images_per_s, steps_per_s, skipped_nonfinite,
+    time, elapsed_s, max_rss_mb, cuda_max_mb (CUDA runs only)
 
 ``loss`` is the unweighted per-example training loss averaged over the global batches of the
 window (skipped non-finite steps excluded); ``loss_qk`` averages the examples whose timestep
 falls in the k-th quarter of 0..T-1 (``4·t // T == k``; null when none did); ``grad_norm`` is
 the mean pre-clipping global norm; ``images_per_s`` counts global-batch images per wall second
 over the window; ``time`` is the Unix time and ``elapsed_s`` seconds since this process started
-training.
+training; ``max_rss_mb`` is this process's peak resident memory and ``cuda_max_mb`` the peak
+of ``torch.cuda.max_memory_allocated`` (MiB).
+
+TensorBoard (the optional ``tensorboard`` package) gets every scalar above (``train/loss_q0``
+... are the per-quartile losses) and each sample grid as an image (``samples``).
+:class:`LiveReport` rewrites the report page every ``train.report_every`` minutes.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -76,7 +83,24 @@ class Window:
             "time": time.time(),
             "elapsed_s": elapsed_s,
         })
+        rec.update(memory_mb())
         return rec
+
+
+def memory_mb() -> dict[str, float]:
+    """{"max_rss_mb": peak resident memory of this process, "cuda_max_mb": peak CUDA allocation
+    (only once CUDA is in use)}, in MiB."""
+    out: dict[str, float] = {}
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+        out["max_rss_mb"] = rss / (2 ** 20 if sys.platform == "darwin" else 2 ** 10)
+    except (ImportError, OSError):  # not on this platform
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["cuda_max_mb"] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return out
 
 
 def batch_stats(losses: torch.Tensor, t: torch.Tensor, num_timesteps: int) -> torch.Tensor:
@@ -114,9 +138,56 @@ class MetricsWriter:
                     self._tb.add_scalar(f"train/{k}", v, rec["step"])
             self._tb.flush()
 
+    def add_grid(self, png_path: Path, step: int) -> None:
+        """A sample grid (PNG) to TensorBoard's images, when TensorBoard is on."""
+        if self._tb is None:
+            return
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(png_path) as im:
+            img = np.asarray(im.convert("RGB"))
+        self._tb.add_image("samples", img, step, dataformats="HWC")
+        self._tb.flush()
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+class LiveReport:
+    """Rewrites ``RUN/report.html`` (:mod:`ddpm.report`) every ``minutes`` and at the end (rank 0).
+
+    The page is written atomically; reading the folder or writing the page can never stop
+    training: a failure is logged as one warning line and the next attempt comes at the next
+    interval. The metrics reader is kept, so each rewrite parses only the new lines.
+    """
+
+    NAME = "report.html"
+
+    def __init__(self, run_dir: Path, minutes: float, log):
+        self.root, self.minutes, self.log = Path(run_dir), float(minutes), log
+        self.path = self.root / self.NAME
+        self._reader = None
+        self._last = time.monotonic()
+
+    def due(self) -> bool:
+        return self.minutes > 0 and time.monotonic() - self._last >= 60.0 * self.minutes
+
+    def write(self, live: bool) -> None:
+        """Write the page now (``live``: the run is still training)."""
+        if self.minutes <= 0:
+            return
+        self._last = time.monotonic()
+        try:
+            # The report layer sits above training; imported here, when a page is due.
+            from ..report import RunReader, write_report
+
+            if self._reader is None:
+                self._reader = RunReader(self.root)
+            write_report([self._reader.read(live=live)], self.path, refresh_s=60.0 * self.minutes)
+        except Exception as e:  # noqa: BLE001 - never let the page kill the run
+            self.log(f"warning: could not write {self.path} ({type(e).__name__}: {e}); training continues")
 
 
 class Progress:

@@ -28,6 +28,7 @@ from ..errors import CheckpointError, UserError
 RESUMABLE_FIELDS = frozenset({
     "train.total_steps", "train.log_every", "train.sample_every", "train.sample_n", "train.sample_seed",
     "train.save_every", "train.save_every_minutes", "train.keep_last", "train.num_workers",
+    "train.report_every",
     # activation checkpointing recomputes bit-identically: on or off, the run continues exactly
     "model.checkpointing",
     # the memory layout changes only the rounding of the same arithmetic (runs written before
@@ -142,7 +143,7 @@ def check_resume_compatible(old: Config, new: Config, path: Path) -> list[tuple[
     if bad:
         listing = "; ".join(f"{k}: checkpoint {a!r}, now {b!r}" for k, a, b in bad)
         raise CheckpointError(f"cannot resume from {path}: the config differs in {listing}. "
-                              f"Resume with the run's own config (only total_steps, the log/sample/save "
+                              f"Resume with the run's own config (only total_steps, the log/sample/save/report "
                               f"cadence, num_workers and model.checkpointing may change) or start a new run "
                               f"with another --out")
     return diffs
