@@ -1,4 +1,4 @@
-"""The ``ddpm`` command line: ``train | sample | eval | convert | data | config | report``.
+"""The ``ddpm`` command line: ``train | sample | eval | convert | data | config | report | distill``.
 
 Only this module and :mod:`ddpm.commands` parse arguments: each subcommand is one module of
 :mod:`ddpm.commands`, listed in its table. Every handler validates its inputs before it writes
@@ -24,21 +24,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     sub.required = True
     add_all(sub)
-    from . import cmd_distill  # ddpm distill until it moves to commands/ with a row in COMMANDS
-
-    cmd_distill.add_parser(sub)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.command == "distill":
-            from . import cmd_distill
-
-            cmd_distill.run(args)
-        else:
-            module(args.command).run(args)
+        module(args.command).run(args)
     except UserError as e:
         sys.stderr.write(f"ddpm {args.command}: error: {_one_line(str(e))}\n")
         return EXIT_USER_ERROR

@@ -21,6 +21,7 @@ COMMANDS: dict[str, str] = {
     "data": "data",
     "config": "config",
     "report": "report",
+    "distill": "distill",
 }
 
 

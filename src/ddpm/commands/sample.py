@@ -71,7 +71,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..cmd_distill import sample_distilled
+    from .distill import sample_distilled
 
     if sample_distilled(args):  # a distillation run or student file: DDIM on the student's kept steps
         return

@@ -4,7 +4,7 @@ Defaults (chosen by measurement on the digits model that ``make demo`` trains; R
 network calls: progressive distillation"):
 
 - ``start``: 32 DDIM steps (:func:`ddpm.distill.grid.default_start`), ``steps``: 4.
-- ``phase_steps``: 400 optimiser steps per halving phase, ``batch_size``: half the teacher's
+- ``phase_steps``: 200 optimiser steps per halving phase, ``batch_size``: half the teacher's
   (64 for digits): more, smaller steps for the same compute, sized so that the digits
   distillation to 4 steps fits the 30-minute budget on a 2-core CPU.
 - ``lr``: half the teacher's train.lr, warm-up 5 % of a phase, then linear decay to 0
@@ -39,7 +39,7 @@ from .grid import check_steps, default_start, grids
 from .phase import Phase
 
 DEFAULT_STEPS = 4
-DEFAULT_PHASE_STEPS = 400
+DEFAULT_PHASE_STEPS = 200
 # settings that may differ when a run folder is continued: more phases only append
 RESUMABLE = frozenset({"steps", "save_every", "log_every"})
 

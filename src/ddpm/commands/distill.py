@@ -2,8 +2,6 @@
 Algorithm 2) into students of fewer and fewer DDIM steps; and the hook through which
 ``ddpm sample --ckpt RUN [--steps K]`` samples a distilled run with its K-step student.
 
-(Written as its own module, ``add_parser(sub)`` / ``run(args)``, to become
-``ddpm/commands/distill.py`` once the commands package exists.)
 """
 
 from __future__ import annotations
@@ -11,15 +9,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
+from .args import Formatter
 
 HELP = "progressive distillation: a student that samples in a few network calls (Salimans & Ho 2022)"
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    from .distill.settings import DEFAULT_PHASE_STEPS, DEFAULT_STEPS
+    from ..distill.settings import DEFAULT_PHASE_STEPS, DEFAULT_STEPS
 
-    d = sub.add_parser("distill", help=HELP, 
+    d = sub.add_parser("distill", help=HELP, formatter_class=Formatter,
                        description="Distil a model (a run folder or checkpoint file, also one converted from "
                                    "diffusers) into a v-prediction student that takes one deterministic DDIM step "
                                    "where its teacher took two, halving from --start steps down to --steps. Each "
@@ -54,10 +53,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    from .api import load_weights
-    from .distill import distill, is_distilled_run
-    from .distill.files import TEACHER
-    from .distill.settings import default_settings
+    from ..api import load_weights
+    from ..distill import distill, is_distilled_run
+    from ..distill.files import TEACHER
+    from ..distill.settings import default_settings
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -81,7 +80,7 @@ def run(args: argparse.Namespace) -> None:
 def sample_distilled(args: argparse.Namespace) -> bool:
     """``ddpm sample`` on a distillation run folder or student file: DDIM on the student's kept
     indices (its step count: the last student, or ``--steps``). False for any other checkpoint."""
-    from .distill import choose_student
+    from ..distill import choose_student
 
     choice = choose_student(args.ckpt, args.steps)
     if choice is None:
@@ -93,12 +92,12 @@ def sample_distilled(args: argparse.Namespace) -> bool:
     if getattr(args, "sampler", "ddim") not in ("ddim", "ancestral") or getattr(args, "var", "model") != "model":
         raise UserError(f"--sampler/--var: a distilled student samples with deterministic DDIM on its {len(kept)} "
                         f"kept steps only ({path})")
-    from .api import load
-    from .atomic import atomic_write_npz
-    from .cliutil import amp_dtype, check_suffix, device
-    from .conditioning import class_grid, guided_call, sampling_labels
-    from .distill import sample_student
-    from .images import grid_scale, save_grid, to_uint8
+    from ..api import load
+    from ..atomic import atomic_write_npz
+    from ..cliutil import amp_dtype, check_suffix, device
+    from ..conditioning import class_grid, guided_call, sampling_labels
+    from ..distill import sample_student
+    from ..images import grid_scale, save_grid, to_uint8
 
     out = check_suffix(args.out, ".npz", "--out")
     grid = check_suffix(args.grid, ".png", "--grid") if args.grid else out.with_suffix(".png")
@@ -122,28 +121,3 @@ def sample_distilled(args: argparse.Namespace) -> bool:
         save_grid(cells, grid, nrow=cols, scale=grid_scale(cfg.model.resolution))
     print(f"wrote {len(images)} samples of the {what} to {out} and a grid to {grid}")
     return True
-
-
-def main(argv=None) -> int:
-    """``python -m ddpm.cmd_distill ...`` while ``ddpm distill`` is not yet in the command table."""
-    import sys
-
-    from .cli import EXIT_USER_ERROR, _Parser
-
-    p = _Parser(prog="ddpm")
-    sub = p.add_subparsers(dest="command", parser_class=_Parser)
-    add_parser(sub)
-    args = p.parse_args(["distill", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        run(args)
-    except UserError as e:
-        sys.stderr.write(f"ddpm distill: error: {' '.join(str(e).split())}\n")
-        return EXIT_USER_ERROR
-    except KeyboardInterrupt as e:
-        sys.stderr.write("ddpm distill: interrupted\n")
-        return 128 + getattr(e, "signum", 2)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
