@@ -326,3 +326,27 @@ def test_sample_command_picks_the_requested_student(tmp_path, capsys, monkeypatc
     assert rc == 0 and "2-step student" in out  # default: the last (fewest steps) student
     rc, _, err = _cli(["sample", "--ckpt", tmp_path / "run", "--steps", "8", "--out", tmp_path / "u.npz"], capsys)
     assert rc == 2 and "has students for 2, 4 steps" in err
+
+
+def test_eval_steps_rows_for_the_students_use_the_run_teacher_and_the_same_seeds(tmp_path):
+    from ddpm.api import load
+    from ddpm.distill import sample_student
+    from ddpm.distill.evaluate import student_rows, teacher_path
+    from ddpm.evaluate.steps import format_table
+    from ddpm.images import to_uint8
+
+    teacher = make_teacher(tmp_path / "teacher.safetensors", tiny_cfg())
+    _distill(teacher, tmp_path / "run", _settings(steps=2, phase_steps=1))
+    assert teacher_path(tmp_path / "run") == tmp_path / "run" / "teacher.safetensors"
+    assert teacher_path(teacher) == teacher
+    seen = []
+
+    def quality(u8):
+        seen.append(u8)
+        return float(u8.mean()), "mean"
+    rows = student_rows(tmp_path / "run", quality, n=3, seed=5, batch_size=2, max_nfe=2)
+    assert [(r["sampler"], r["nfe"], r["steps"]) for r in rows] == [("distilled", 2, 2)]  # 4 > max_nfe
+    model, d, _, _ = load(tmp_path / "run" / "students" / "steps_0002.safetensors", device="cpu")
+    assert np.array_equal(seen[0], to_uint8(sample_student(model, d, (7, 15), (1, 8, 8), range(5, 8))))
+    assert "distilled student (DDIM)" in format_table(rows)
+    assert student_rows(teacher, quality, n=3) == []
