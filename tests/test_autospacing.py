@@ -86,3 +86,28 @@ def test_eval_steps_records_the_resolved_spacing():
                 and q["spacing"] == want and q is not r]
         if r["spacing"] == "auto" and same:  # auto and the explicit spacing it chose: the same samples
             assert same[0]["quality"] == r["quality"]
+
+
+def test_ddpm_sample_says_what_auto_chose(tmp_path, capsys):
+    import ddpm
+    from ddpm.checkpoint import add_prefix, save_checkpoint
+    from ddpm.cli import main
+    from ddpm.config import Config, DiffusionConfig, ModelConfig
+    from ddpm.nets.unet import UNet
+
+    mc = ModelConfig(resolution=8, in_channels=1, ch=32, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+                     dropout=0.0)
+    cfg = Config(preset="test", model=mc, diffusion=DiffusionConfig(num_timesteps=20)).validate()
+    ckpt = tmp_path / "m.safetensors"
+    save_checkpoint(ckpt, add_prefix(UNet.from_config(mc, cfg.out_channels).state_dict(), "ema/"),
+                    {"config": cfg.to_dict(), "kind": "weights", "step": 0, "version": ddpm.__version__})
+    out = tmp_path / "s.npz"
+    argv = ["sample", "--ckpt", str(ckpt), "--sampler", "unipc", "--steps", "5", "--n", "2", "--out", str(out),
+            "--no-progress"]
+    assert main(argv) == 0
+    want = resolve_spacing("auto", "unipc", 5)
+    assert f"spacing: auto -> {want}" in capsys.readouterr().out
+    auto = np.load(out)["arr_0"]
+    assert main(argv + ["--spacing", want]) == 0
+    assert "spacing: auto" not in capsys.readouterr().out
+    np.testing.assert_array_equal(np.load(out)["arr_0"], auto)
