@@ -38,13 +38,20 @@ FALLBACK = "trailing"
 #   dpm++2m 3: 17.6 27.4 13.0 18.0 / 23.8 25.5 35.9 21.9 -> logsnr
 #   dpm++2m 5: 4.86 1.84 2.15 3.79 / 7.63 1.86 4.93 3.21 -> linspace
 #   dpm++2m 10: 2.42 2.37 3.47 1.85 / 5.05 4.79 7.03 3.62 -> logsnr
+#   dpm++3m 5: 4.59 1.91 3.47 2.41 / 6.43 1.87 9.22 3.30 -> linspace
+#   dpm++3m 10: 2.55 3.28 5.74 4.77 / 5.23 6.58 10.4 9.99 -> trailing
+#   ddim    5: 7.26 12.1 10.3 17.6 / 14.0 19.8 23.4 34.7 -> trailing (also at 3 on model 1000: 34.8 vs >= 88.6)
+#   ddim   10: 3.28 4.06 4.77 5.35 / 7.43 9.27 9.99 11.6 -> trailing
 # At 2 calls every multistep solver takes the same two steps (dpm++2m's FDs equal unipc's on model
-# 1500), so dpm++2m takes unipc's 2-call choice. A row (n, s) covers the budgets up to n calls not
+# 1500), so dpm++2m and dpm++3m take unipc's 2-call choice; at 3 calls dpm++3m's FDs equal
+# dpm++2m's (model 1000: 23.80 25.52 35.94 21.94 both), so it takes dpm++2m's 3-call choice. A row (n, s) covers the budgets up to n calls not
 # covered by an earlier row (so 4 takes 5's choice, 6-7 take 8's); above the last row, and for
 # the samplers not listed (not yet measured on two models), auto is trailing.
 AUTO_SPACING: Mapping[str, tuple[tuple[int, str], ...]] = {
     "unipc": ((3, "trailing"), (5, "linspace"), (10, "logsnr")),
     "dpm++2m": ((2, "trailing"), (3, "logsnr"), (5, "linspace"), (10, "logsnr")),
+    "dpm++3m": ((2, "trailing"), (3, "logsnr"), (5, "linspace"), (10, "trailing")),
+    "ddim": ((10, "trailing"),),
 }
 
 
