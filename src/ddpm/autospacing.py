@@ -42,6 +42,9 @@ FALLBACK = "trailing"
 #   dpm++3m 10: 2.55 3.28 5.74 4.77 / 5.23 6.58 10.4 9.99 -> trailing
 #   ddim    5: 7.26 12.1 10.3 17.6 / 14.0 19.8 23.4 34.7 -> trailing (also at 3 on model 1000: 34.8 vs >= 88.6)
 #   ddim   10: 3.28 4.06 4.77 5.35 / 7.43 9.27 9.99 11.6 -> trailing
+#   dpm2    3: 23.4 44.0 43.5 59.6 / 36.5 52.0 87.2 92.8 -> trailing
+#   dpm2    5: 6.38 2.40 9.09 14.7 / 12.1 5.19 21.6 30.1 -> linspace
+#   dpm2   10: 2.79 3.33 3.86 3.73 / 6.02 7.34 8.06 7.98 -> trailing
 # At 2 calls every multistep solver takes the same two steps (dpm++2m's FDs equal unipc's on model
 # 1500), so dpm++2m and dpm++3m take unipc's 2-call choice; at 3 calls dpm++3m's FDs equal
 # dpm++2m's (model 1000: 23.80 25.52 35.94 21.94 both), so it takes dpm++2m's 3-call choice. A row (n, s) covers the budgets up to n calls not
@@ -52,6 +55,7 @@ AUTO_SPACING: Mapping[str, tuple[tuple[int, str], ...]] = {
     "dpm++2m": ((2, "trailing"), (3, "logsnr"), (5, "linspace"), (10, "logsnr")),
     "dpm++3m": ((2, "trailing"), (3, "logsnr"), (5, "linspace"), (10, "trailing")),
     "ddim": ((10, "trailing"),),
+    "dpm2": ((3, "trailing"), (5, "linspace"), (10, "trailing")),
 }
 
 
