@@ -45,6 +45,9 @@ FALLBACK = "trailing"
 #   dpm2    3: 23.4 44.0 43.5 59.6 / 36.5 52.0 87.2 92.8 -> trailing
 #   dpm2    5: 6.38 2.40 9.09 14.7 / 12.1 5.19 21.6 30.1 -> linspace
 #   dpm2   10: 2.79 3.33 3.86 3.73 / 6.02 7.34 8.06 7.98 -> trailing
+#   dpm3    5: 5.58 8.05 2.81 5.59 / 8.59 10.2 6.54 6.01 -> quadratic
+#   dpm3   10: 2.44 2.76 3.28 2.88 / 5.10 5.08 6.79 5.95 -> trailing
+#   (dpm3 at 3 calls: FDs equal dpm2's on model 1000, 36.5 52.0 87.2 92.8, so dpm2's choice)
 # At 2 calls every multistep solver takes the same two steps (dpm++2m's FDs equal unipc's on model
 # 1500), so dpm++2m and dpm++3m take unipc's 2-call choice; at 3 calls dpm++3m's FDs equal
 # dpm++2m's (model 1000: 23.80 25.52 35.94 21.94 both), so it takes dpm++2m's 3-call choice. A row (n, s) covers the budgets up to n calls not
@@ -56,6 +59,7 @@ AUTO_SPACING: Mapping[str, tuple[tuple[int, str], ...]] = {
     "dpm++3m": ((2, "trailing"), (3, "logsnr"), (5, "linspace"), (10, "trailing")),
     "ddim": ((10, "trailing"),),
     "dpm2": ((3, "trailing"), (5, "linspace"), (10, "trailing")),
+    "dpm3": ((3, "trailing"), (5, "quadratic"), (10, "trailing")),
 }
 
 
