@@ -48,11 +48,20 @@ FALLBACK = "trailing"
 #   dpm3    5: 5.58 8.05 2.81 5.59 / 8.59 10.2 6.54 6.01 -> quadratic
 #   dpm3   10: 2.44 2.76 3.28 2.88 / 5.10 5.08 6.79 5.95 -> trailing
 #   (dpm3 at 3 calls: FDs equal dpm2's on model 1000, 36.5 52.0 87.2 92.8, so dpm2's choice)
+#   dpm++2m-sde 5: 6.50 3.13 5.92 5.76 / 5.53 3.01 4.64 5.50 -> linspace
+#   dpm++2m-sde 10: 2.27 2.77 1.68 3.57 / 2.08 3.37 1.60 2.70 -> quadratic
+#   (dpm++2m-sde at 3 calls, model 1000 only: 16.2 38.3 17.5 24.9 -> the fallback, trailing, kept)
+#   pndm    3: 310 273 314 273 / 315 292 315 292 -> linspace (every spacing fails: PLMS needs more calls)
+#   pndm    5: 276 314 300 311 / 288 311 300 311 -> trailing (likewise)
+#   pndm   10: 4.97 178 7.20 19.4 / 17.5 195 10.7 28.4 -> quadratic
+#   ancestral 3: 26.9 279 244 271 / 34.9 281 265 278 -> trailing
+#   ancestral 5: 23.1 207 114 205 / 30.7 213 133 216 -> trailing
+#   ancestral 10: 18.3 94.0 20.4 53.0 / 23.5 102 26.9 65.8 -> trailing
 # At 2 calls every multistep solver takes the same two steps (dpm++2m's FDs equal unipc's on model
 # 1500), so dpm++2m and dpm++3m take unipc's 2-call choice; at 3 calls dpm++3m's FDs equal
 # dpm++2m's (model 1000: 23.80 25.52 35.94 21.94 both), so it takes dpm++2m's 3-call choice. A row (n, s) covers the budgets up to n calls not
-# covered by an earlier row (so 4 takes 5's choice, 6-7 take 8's); above the last row, and for
-# the samplers not listed (not yet measured on two models), auto is trailing.
+# covered by an earlier row (so 4 takes 5's choice, 6-9 take 10's); above the last row (more than
+# 10 calls, not measured) and for a sampler not listed, auto is trailing.
 AUTO_SPACING: Mapping[str, tuple[tuple[int, str], ...]] = {
     "unipc": ((3, "trailing"), (5, "linspace"), (10, "logsnr")),
     "dpm++2m": ((2, "trailing"), (3, "logsnr"), (5, "linspace"), (10, "logsnr")),
@@ -60,6 +69,9 @@ AUTO_SPACING: Mapping[str, tuple[tuple[int, str], ...]] = {
     "ddim": ((10, "trailing"),),
     "dpm2": ((3, "trailing"), (5, "linspace"), (10, "trailing")),
     "dpm3": ((3, "trailing"), (5, "quadratic"), (10, "trailing")),
+    "dpm++2m-sde": ((3, "trailing"), (5, "linspace"), (10, "quadratic")),
+    "pndm": ((3, "linspace"), (5, "trailing"), (10, "quadratic")),
+    "ancestral": ((10, "trailing"),),
 }
 
 
