@@ -37,6 +37,9 @@ def tiny_cfg(T: int = 16, mean_type: str = "eps", num_classes: int = 0) -> Confi
 def make_teacher(path: Path, cfg: Config, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     net = UNet.from_config(cfg.model, cfg.out_channels)
+    with torch.no_grad():  # unlike a fresh network (zero output layers), a trained one depends on its inputs
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     save_checkpoint(path, add_prefix(net.state_dict(), "ema/"), {"config": cfg.to_dict(), "step": 0, "kind": "weights"})
     return path
 
@@ -272,7 +275,7 @@ def test_a_student_exports_to_a_diffusers_ddim_scheduler_that_samples_it(tmp_pat
     x = ImageNoise([0, 1, 2], (1, 8, 8), torch.device("cpu"), torch.float32).next()
     with torch.no_grad():
         for t in sched.timesteps:
-            x = sched.step(unet(x, t).sample, t, x, eta=0.0).prev_sample
+            x = sched.step(unet(x, t).sample, t, x, eta=0.0, use_clipped_model_output=True).prev_sample
     model, d, _, _ = load(student, device="cpu")
     ours = sample_student(model, d, (7, 15), (1, 8, 8), [0, 1, 2])
     assert torch.allclose(x, ours, atol=1e-4)
@@ -350,3 +353,20 @@ def test_eval_steps_rows_for_the_students_use_the_run_teacher_and_the_same_seeds
     assert np.array_equal(seen[0], to_uint8(sample_student(model, d, (7, 15), (1, 8, 8), range(5, 8))))
     assert "distilled student (DDIM)" in format_table(rows)
     assert student_rows(teacher, quality, n=3) == []
+
+
+def test_a_class_conditional_teacher_distils_and_its_student_samples_with_guidance(tmp_path):
+    from ddpm.api import load
+    from ddpm.distill import sample_student
+
+    teacher = make_teacher(tmp_path / "teacher.safetensors", tiny_cfg(num_classes=10))
+    r = _distill(teacher, tmp_path / "run", _settings(steps=4, phase_steps=2))
+    assert r["steps"] == 4
+    model, d, cfg, _ = load(r["student"], device="cpu")
+    assert cfg.model.num_classes == 10 and cfg.diffusion.mean_type == "v"
+    y = {"y": torch.tensor([3, 7])}
+    plain = sample_student(model, d, (3, 7, 11, 15), (1, 8, 8), [0, 1], model_kwargs=y)
+    guided = sample_student(model, d, (3, 7, 11, 15), (1, 8, 8), [0, 1], model_kwargs=y, guidance=1.0)
+    assert torch.allclose(plain, guided, atol=1e-5)  # W = 1 is the conditional model
+    other = sample_student(model, d, (3, 7, 11, 15), (1, 8, 8), [0, 1], model_kwargs=y, guidance=3.0)
+    assert not torch.allclose(plain, other)

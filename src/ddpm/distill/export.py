@@ -6,7 +6,10 @@ is round(T - j' T/K) - 1), so diffusers' ``timestep_spacing="trailing"`` with
 ``num_inference_steps=K`` lists exactly the student's steps. diffusers' DDIM step goes from t to
 t - T // K, which is the student's next kept step when K divides T (K <= 8 for T = 200 or
 1000); otherwise the export is refused with a one-line reason. ``set_alpha_to_one`` makes the
-last step land on x0, and ``clip_sample`` clamps x0 as the teacher did.
+last step land on x0, and ``clip_sample`` clamps x0 as the teacher did. Sample with
+``use_clipped_model_output=True`` (``DDIMPipeline(...)(num_inference_steps=K, eta=0.0,
+use_clipped_model_output=True)``): the student's steps recompute eps from the clamped x0, as
+this package's DDIM does; diffusers' default keeps the unclamped one.
 """
 
 from __future__ import annotations
