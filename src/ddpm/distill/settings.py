@@ -7,9 +7,10 @@ network calls: progressive distillation"):
 - ``phase_steps``: 800 optimiser steps per halving phase, ``batch_size``: half the teacher's
   (64 for digits). Phase length is what decides quality here: on the digits model the 32-step
   student of the v warm-up scores Frechet distance 11.3 after 100 optimiser steps and 4.4 after
-  400 (its teacher's 32-step DDIM 3.1). 800/400 is 2,800 steps to 4 steps, about 9 minutes at
-  0.2 s per step on 2 quiet cores (an estimate from the trainer's 0.13 s per 128-image step on
-  the same model early in ``make demo``; every distillation timing here was taken under load).
+  400 (its teacher's 32-step DDIM 3.1). 800/400 is 2,800 steps to 4 steps: 2,032 s on the
+  2-core machine under varying load; its last phase, at load 2-5, ran at 0.20 s per step, ~9 minutes
+  for all 2,800 (a quiet-machine time was not measured). The 4-step student scores 6.73 (the
+  teacher's 200-step chain 2.05): longer phases would still pay.
 - ``lr``: half the teacher's train.lr, warm-up 5 % of a phase, then linear decay to 0
   (Salimans & Ho, ICLR 2022, section 5: each phase's LR decays linearly to 0).
 - ``ema_decay``: min(teacher's train.ema_decay, 1 - 10 / phase_steps): an average over about a
