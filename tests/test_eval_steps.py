@@ -80,3 +80,22 @@ def test_bad_lists_are_one_line_errors_before_anything_runs(tmp_path, capsys, ar
 
 def test_parse_ints():
     assert parse_ints("5, 10,20", "--nfe") == [5, 10, 20]
+
+
+@pytest.mark.parametrize("name", samplers.names())
+def test_a_row_makes_the_calls_of_its_budget(name):
+    """The sampled chain is the one steps_for_nfe chose: its network calls per image are the row's
+    budget's (pndm's K calls walk K - 1 timesteps; it once ran with one call fewer than its row said)."""
+    calls = []
+
+    def counting(x, t):
+        calls.append(x.shape[0])
+        return _toy(x, t)
+
+    nfe = 5
+    rows = run_steps(D, counting, (1, 4, 4), lambda u8: (0.0, "none"), samplers=[name], nfes=[nfe], n=2,
+                     batch_size=2, progress=False)
+    want = samplers.get(name)(make_chain(D, "cpu", rows[0]["steps"], rows[0]["spacing_used"])).nfe
+    assert len(calls) == want <= nfe
+    if name in ("ancestral", "ddim", "pndm", "unipc", "dpm++2m"):
+        assert len(calls) == nfe

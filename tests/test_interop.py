@@ -156,6 +156,24 @@ def test_round_trip_is_exact(tmp_path):
     assert meta["kind"] == "weights" and meta["step"] == 0 and meta["source"]["format"] == "diffusers"
 
 
+def test_round_trip_carries_v_prediction(tmp_path):
+    """v = alpha eps - sigma x0 (Salimans & Ho 2022) is diffusers' prediction_type="v_prediction", both ways."""
+    torch.manual_seed(0)
+    mc = ModelConfig(resolution=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                     dropout=0.0)
+    dc = DiffusionConfig(num_timesteps=200, beta_start=5e-4, beta_end=0.1, mean_type="v")
+    cfg = Config(preset="test", model=mc, diffusion=dc).validate()
+    _write_ours(tmp_path / "a.safetensors", _perturb(UNet.from_config(mc, cfg.out_channels)), cfg)
+    to_diffusers_dir(tmp_path / "a.safetensors", tmp_path / "hf")
+    sched = DDPMScheduler.from_pretrained(tmp_path / "hf")
+    assert sched.config.prediction_type == "v_prediction" and sched.config.num_train_timesteps == 200
+    from_diffusers_dir(tmp_path / "hf", tmp_path / "b.safetensors")
+    a, _ = load_checkpoint(tmp_path / "a.safetensors")
+    b, meta = load_checkpoint(tmp_path / "b.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert Config.from_dict(meta["config"]).diffusion == dc
+
+
 # ---------------------------------------------------------------------------------------------- class-conditional
 
 COND_CONFIG = dict(CIFAR_CONFIG, sample_size=16, block_out_channels=[32, 64, 64], layers_per_block=1,
@@ -344,7 +362,7 @@ def test_pipeline_folder_bin_weights_and_scheduler(tmp_path):
 
 
 @pytest.mark.parametrize("sched,field", [
-    (dict(prediction_type="v_prediction"), "prediction_type"),
+    (dict(prediction_type="flow_prediction"), "prediction_type"),  # v_prediction is our v
     (dict(variance_type="learned"), "variance_type"),
     (dict(beta_schedule="sigmoid"), "beta_schedule"),
 ])

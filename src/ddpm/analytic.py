@@ -43,12 +43,8 @@ GAMMA_FILE = "analytic_var.json"
 
 def _eps_from_output(diffusion: GaussianDiffusion, out: torch.Tensor, x: torch.Tensor, i: int) -> torch.Tensor:
     """The eps the network implies at 0-based step i (unclipped), whatever its mean type."""
-    C = x.shape[1]
-    if diffusion.mean_type.value == "eps":
-        return out[:, :C]
     t = torch.full((x.shape[0],), i, dtype=torch.int64, device=x.device)
-    x0 = diffusion.p_mean_variance(None, x, t, clip_denoised=False, model_output=out)["pred_xstart"]
-    return (float(diffusion.sqrt_recip_alphas_cumprod[i]) * x - x0) / float(diffusion.sqrt_recipm1_alphas_cumprod[i])
+    return diffusion.predict_xstart_eps(out, x, t, clip_denoised=False)[1]
 
 
 @torch.inference_mode()

@@ -1,4 +1,4 @@
-"""The ``ddpm`` command line: ``train | sample | eval | convert | data | config | report``.
+"""The ``ddpm`` command line: ``train | sample | eval | convert | data | config | report | distill``.
 
 Only this module and :mod:`ddpm.commands` parse arguments: each subcommand is one module of
 :mod:`ddpm.commands`, listed in its table. Every handler validates its inputs before it writes

@@ -370,12 +370,17 @@ PRESETS: dict[str, Config] = {
 PRESETS["digits_cond"] = replace(PRESETS["digits"], preset="digits_cond",
                                  model=replace(PRESETS["digits"].model, num_classes=10),
                                  train=replace(PRESETS["digits"].train, p_uncond=0.1))
+# v-prediction twin (Salimans & Ho, ICLR 2022, section 4): the network predicts
+# v = alpha_t eps - sigma_t x0 and trains on ||v - v_hat||^2; everything else is digits'.
+PRESETS["digits_v"] = replace(PRESETS["digits"], preset="digits_v",
+                              diffusion=replace(PRESETS["digits"].diffusion, mean_type="v"))
 PRESETS["cifar10_cond"] = replace(_CIFAR, preset="cifar10_cond", model=replace(_CIFAR_MODEL, num_classes=10),
                                   train=replace(_CIFAR.train, p_uncond=0.1))
 
 PRESET_HELP: dict[str, str] = {
     "digits": "default; sklearn 8x8 digits, small U-Net, trains on a CPU in minutes",
     "cifar10": "Table 1/2 L_simple: eps, mse, fixedlarge, lr 2e-4, batch 128, dropout 0.1, 800k steps",
+    "digits_v": "digits with v-prediction (Salimans & Ho 2022): v = alpha eps - sigma x0, loss ||v - v_hat||^2",
     "digits_cond": "digits with its 10 classes: class embedding, label dropout 0.1, classifier-free guidance",
     "cifar10_cond": "cifar10 with its 10 classes: class embedding, label dropout 0.1, classifier-free guidance",
     "cifar10_mu_kl_learned": "Table 2: mu-tilde prediction, true bound L, learned diagonal Sigma",

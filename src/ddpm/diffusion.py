@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 import numpy as np
 import torch
 
+from . import vpred
 from .errors import ConfigError, suggest
 from .likelihood import LN2, discretized_gaussian_log_likelihood, meanflat, normal_kl
 from .rng import ImageNoise
@@ -36,6 +37,7 @@ class MeanType(str, Enum):
     EPS = "eps"        # the noise epsilon (the paper's choice)
     XSTART = "xstart"  # x_0
     XPREV = "xprev"    # the posterior mean mu~(x_t, x_0) directly ("mu~ prediction")
+    V = "v"            # v = alpha_t eps - sigma_t x0 (Salimans & Ho, ICLR 2022, section 4)
 
 
 class VarType(str, Enum):
@@ -110,6 +112,8 @@ class StepCoefs:
     Either [B, 1, 1, 1] (gathered at a batch of t) or 0-d (one step, pre-gathered by a sampler).
     """
 
+    sqrt_alphas_cumprod: torch.Tensor          # alpha_t = sqrt(abar) (v-prediction)
+    sqrt_one_minus_alphas_cumprod: torch.Tensor  # sigma_t = sqrt(1 - abar) (v-prediction)
     sqrt_recip_alphas_cumprod: torch.Tensor    # 1/sqrt(abar)
     sqrt_recipm1_alphas_cumprod: torch.Tensor  # sqrt(1/abar - 1)
     posterior_mean_coef1: torch.Tensor         # multiplies x0 in mu~
@@ -144,7 +148,7 @@ class GaussianDiffusion:
 
     Args:
         betas: float64 [T] (T >= 2), betas[i] = beta_{i+1}, all in (0, 1].
-        mean_type: ``eps`` | ``xstart`` | ``xprev``; var_type: ``fixedlarge`` | ``fixedsmall`` |
+        mean_type: ``eps`` | ``xstart`` | ``xprev`` | ``v``; var_type: ``fixedlarge`` | ``fixedsmall`` |
             ``learned`` | ``learned_range``; loss_type: ``mse`` | ``kl`` | ``rescaled_kl`` | ``hybrid``.
 
     Buffers (float64 numpy [T], names as in improved-diffusion, paper Eq. 4-7): betas, alphas,
@@ -192,6 +196,8 @@ class GaussianDiffusion:
             fixed_var, fixed_log = self.posterior_variance, self.posterior_log_variance_clipped
         with np.errstate(divide="ignore"):
             self._coef_arrays = {
+                "sqrt_alphas_cumprod": self.sqrt_alphas_cumprod,
+                "sqrt_one_minus_alphas_cumprod": self.sqrt_one_minus_alphas_cumprod,
                 "sqrt_recip_alphas_cumprod": self.sqrt_recip_alphas_cumprod,
                 "sqrt_recipm1_alphas_cumprod": self.sqrt_recipm1_alphas_cumprod,
                 "posterior_mean_coef1": self.posterior_mean_coef1,
@@ -291,6 +297,41 @@ class GaussianDiffusion:
         return mean, var, log_var
 
     # ------------------------------------------------------------------------------------------
+    # The v parameterisation (Salimans & Ho, ICLR 2022, section 4 and Appendix D); ``vpred`` holds
+    # the formulas, these gather alpha_t = sqrt(abar_t) and sigma_t = sqrt(1 - abar_t) at t.
+    def alpha_sigma(self, t: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(alpha_t, sigma_t) = (sqrt(abar_t), sqrt(1 - abar_t)) at 0-based t [B], each [B, 1, 1, 1] in x's dtype."""
+        self._check_t(t, x)
+        return self._extract("sqrt_alphas_cumprod", t, x), self._extract("sqrt_one_minus_alphas_cumprod", t, x)
+
+    def v_from_xstart_eps(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """v = alpha_t eps - sigma_t x0 (Salimans & Ho section 4), like x0; the v model's training target."""
+        return vpred.v_from_x0_eps(x0, eps, *self.alpha_sigma(t, x0))
+
+    def xstart_eps_from_v(self, xt: torch.Tensor, v: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) = (alpha_t x_t - sigma_t v, sigma_t x_t + alpha_t v) (Salimans & Ho section 4), unclipped."""
+        return vpred.x0_eps_from_v(xt, v, *self.alpha_sigma(t, xt))
+
+    def predict_xstart_eps(self, out: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
+                           clip_denoised: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) implied by a model output [B, C or 2C, H, W] at 0-based t [B], whatever the mean type.
+
+        Without clipping a v model's pair is Salimans & Ho's exact inverse (section 4) and an eps
+        model's eps is its output; otherwise x0 is the (clamped) prediction of
+        :meth:`p_mean_variance` and eps = (x_t / alpha_t - x0) / (sigma_t / alpha_t) the noise that
+        is consistent with it (inverse of paper Eq. 4).
+        """
+        C = xt.shape[1]
+        if not clip_denoised and self.mean_type == MeanType.V:
+            return self.xstart_eps_from_v(xt, out[:, :C], t)
+        x0 = self.p_mean_variance(None, xt, t, clip_denoised=clip_denoised, model_output=out)["pred_xstart"]
+        if not clip_denoised and self.mean_type == MeanType.EPS:
+            return x0, out[:, :C]
+        eps = ((self._extract("sqrt_recip_alphas_cumprod", t, xt) * xt - x0)
+               / self._extract("sqrt_recipm1_alphas_cumprod", t, xt))
+        return x0, eps
+
+    # ------------------------------------------------------------------------------------------
     # Reverse process p_theta(x_{t-1} | x_t)
     def check_output(self, out: torch.Tensor, x: torch.Tensor) -> None:
         C = x.shape[1]
@@ -329,6 +370,8 @@ class GaussianDiffusion:
         else:
             if self.mean_type == MeanType.XSTART:
                 pred_xstart = process(mean_out)
+            elif self.mean_type == MeanType.V:  # Salimans & Ho section 4: x0 = alpha_t x_t - sigma_t v
+                pred_xstart = process(c.sqrt_alphas_cumprod * xt - c.sqrt_one_minus_alphas_cumprod * mean_out)
             else:  # paper Eq. 15: x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar)
                 pred_xstart = process(c.sqrt_recip_alphas_cumprod * xt - c.sqrt_recipm1_alphas_cumprod * mean_out)
             mean = c.posterior_mean_coef1 * pred_xstart + c.posterior_mean_coef2 * xt
@@ -432,8 +475,10 @@ class GaussianDiffusion:
                         model_kwargs: Mapping[str, Any] | None = None) -> torch.Tensor:
         """Per-example training loss [B] at the given t (paper section 3.4, Eq. 14, Algorithm 1).
 
-        - ``mse``: meanflat((target - output)^2), target eps / x0 / mu~ by mean_type; for eps this
-          is L_simple (paper Eq. 14), a per-pixel mean, not a sum.
+        - ``mse``: meanflat((target - output)^2), target eps / x0 / mu~ / v by mean_type; for eps this
+          is L_simple (paper Eq. 14), a per-pixel mean, not a sum. For v (Salimans & Ho 2022,
+          section 4) the target is v = alpha_t eps - sigma_t x0, and ||v - v_hat||^2 =
+          (1 + SNR_t) ||x0 - x0_hat||^2: the x0 error weighted by SNR + 1, finite as SNR -> 0.
         - ``kl``: the VLB term at t in bits/dim, no x0 clipping, not rescaled.
         - ``rescaled_kl``: kl * T.
         - ``hybrid``: mse + T/1000 * VLB term, the VLB seeing a stop-gradient mean, so it trains
@@ -458,6 +503,8 @@ class GaussianDiffusion:
             target = noise
         elif self.mean_type == MeanType.XSTART:
             target = x0
+        elif self.mean_type == MeanType.V:
+            target = self.v_from_xstart_eps(x0, noise, t)
         else:
             target = self.q_posterior_mean_variance(x0, xt, t)[0]
         loss = meanflat((target - mean_out) ** 2)

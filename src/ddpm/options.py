@@ -11,7 +11,7 @@ sampler registry (:func:`ddpm.samplers.names`), which is their one declaration.
 from __future__ import annotations
 
 # Diffusion parameterisation (paper section 3.2 and 4; Table 2's rows).
-MEAN_TYPES = ("eps", "xstart", "xprev")
+MEAN_TYPES = ("eps", "xstart", "xprev", "v")  # v: Salimans & Ho 2022, section 4
 VAR_TYPES = ("fixedlarge", "fixedsmall", "learned", "learned_range")
 LOSS_TYPES = ("mse", "kl", "rescaled_kl", "hybrid")
 
@@ -28,7 +28,8 @@ EMA_WARMUPS = ("none", "ramp")                   # train.ema_warmup (ramp: min(d
 
 # Sampling / evaluation on the command line.
 SAMPLE_PRECISIONS = ("fp32", "bf16")            # --precision of ddpm sample / eval
-TIMESTEP_SPACINGS = ("trailing", "leading", "linspace", "quadratic", "logsnr")  # --spacing
+# --spacing; "auto": per sampler and number of calls, the one measured best (ddpm.autospacing)
+TIMESTEP_SPACINGS = ("auto", "trailing", "leading", "linspace", "quadratic", "logsnr")
 CONV_MODES = ("auto", "winograd", "direct")     # --conv
 WEIGHTS = ("ema", "model")                      # which weights of a checkpoint
 SPLITS = ("train", "test")

@@ -11,6 +11,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .autospacing import resolve_spacing
 from .diffusion import GaussianDiffusion
 from .errors import SamplingOptionError, suggest
 from .options import TIMESTEP_SPACINGS
@@ -28,6 +29,9 @@ def space_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing",
                     alphas_cumprod: Sequence[float] | np.ndarray | None = None) -> list[int]:
     """The ``steps`` kept 0-based timestep indices out of ``num_timesteps``, ascending.
 
+    ``auto`` depends on the sampler, which this function does not know: sampling resolves it first
+    (:func:`ddpm.autospacing.resolve_spacing`); here, with no sampler, it is that fallback (trailing).
+
     ``trailing`` (default): round(T - k T/steps) - 1 for k < steps; always keeps T-1 (diffusers'
     "trailing"). ``leading``: k * (T // steps), starts at 0. ``linspace``: round(linspace(0, T-1, steps)).
     ``quadratic``: round(linspace(0, sqrt(0.8 T), steps)^2) (DDIM's CIFAR-10 choice, Song et al.
@@ -42,6 +46,7 @@ def space_timesteps(num_timesteps: int, steps: int, spacing: str = "trailing",
         raise SamplingOptionError(f"sampling steps must be an integer in 1..{T}, got {steps!r}")
     steps = int(steps)
     check_spacing(spacing)
+    spacing = resolve_spacing(spacing, None, steps)
     if spacing == "trailing":
         ratio = T / steps
         kept = np.round(T - np.arange(steps) * ratio).astype(np.int64) - 1

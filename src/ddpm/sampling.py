@@ -19,18 +19,22 @@ host-device synchronisation and no per-image Python work.
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from . import samplers
+from .autospacing import resolve_spacing
 from .diffusion import GaussianDiffusion
 from .errors import SamplingOptionError
 from .respacing import check_spacing, respace, space_timesteps
 from .rng import ImageNoise
 from .samplers.base import Chain, Denoiser
 from .speed import Speed, fast_network
+
+log = logging.getLogger(__name__)
 
 __all__ = ["sample", "sample_progressive", "sample_chains", "interpolate", "space_timesteps", "respace",
            "Speed", "SamplingOptionError"]
@@ -69,9 +73,10 @@ def _progress(progress: bool, total: int, desc: str):
     return tqdm(total=total, desc=desc)
 
 
-def make_chain(diffusion: GaussianDiffusion, device, steps: int | None = None, spacing: str = "trailing",
+def make_chain(diffusion: GaussianDiffusion, device, steps: int | None = None, spacing: str = "auto",
                clip_denoised: bool = True, eta: float = 0.0, options: Mapping[str, Any] | None = None) -> Chain:
-    """The chain of a sampling run: every step (``steps=None``) or ``steps`` kept ones by ``spacing``."""
+    """The chain of a sampling run: every step (``steps=None``) or ``steps`` kept ones by ``spacing``
+    (``auto`` here knows no sampler and is trailing; :func:`sample` resolves it per sampler first)."""
     T = diffusion.num_timesteps
     if steps is None:
         check_spacing(spacing)
@@ -101,8 +106,12 @@ def _sample_impl(diffusion, model, shape, seeds, *, batch_size, device, sampler,
         raise SamplingOptionError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device)
     cls = samplers.get(sampler)
+    check_spacing(spacing)
+    used = resolve_spacing(spacing, sampler, steps)
+    if used != spacing:
+        log.info("spacing auto -> %s (%s, %s network calls)", used, sampler, steps)
     # steps counts network calls; a sampler with extra calls per chain (pndm) walks fewer timesteps
-    chain = make_chain(diffusion, device, None if steps is None else cls.chain_steps(steps), spacing,
+    chain = make_chain(diffusion, device, None if steps is None else cls.chain_steps(steps), used,
                        clip_denoised, eta, sampler_options)
     unit = cls(chain)
     if x_T is not None:
@@ -141,7 +150,7 @@ def _sample_impl(diffusion, model, shape, seeds, *, batch_size, device, sampler,
 @torch.inference_mode()
 def sample(diffusion: GaussianDiffusion, model: Callable, shape: Sequence[int], seeds: Sequence[int], *,
            batch_size: int | None = None, device="cpu", sampler: str = "ancestral", steps: int | None = None,
-           spacing: str = "trailing", eta: float = 0.0, clip_denoised: bool = True,
+           spacing: str = "auto", eta: float = 0.0, clip_denoised: bool = True,
            amp_dtype: torch.dtype | None = None, progress: bool = False, speed: Speed | None = None,
            x_T: torch.Tensor | None = None, model_kwargs: Mapping[str, torch.Tensor] | None = None,
            guidance: float | None = None, sampler_options: Mapping[str, Any] | None = None) -> torch.Tensor:
@@ -153,7 +162,9 @@ def sample(diffusion: GaussianDiffusion, model: Callable, shape: Sequence[int], 
         sampler: a name from :func:`ddpm.samplers.names` (``ancestral``: Algorithm 2; ``ddim``
             with ``eta``; ...).
         steps: None = all T steps; else a respaced chain of ``steps`` network calls (``spacing``:
-            trailing | leading | linspace, see :func:`ddpm.respacing.space_timesteps`).
+            auto | trailing | leading | linspace | quadratic | logsnr, see
+            :func:`ddpm.respacing.space_timesteps`; ``auto``, the default, is the spacing measured
+            best for this sampler and number of calls, :func:`ddpm.autospacing.resolve_spacing`).
         clip_denoised: clamp the x0 prediction to [-1, 1] at every step (official default).
         amp_dtype: run the network under autocast with this dtype (the math stays float32).
         speed: how the network runs (:class:`ddpm.speed.Speed`: channels_last, compile, CUDA
@@ -189,7 +200,7 @@ def sample_progressive(diffusion: GaussianDiffusion, model: Callable, shape: Seq
     """
     if isinstance(every, bool) or int(every) != every or every < 1:
         raise SamplingOptionError(f"every must be a positive integer, got {every!r}")
-    opts = dict(batch_size=None, device="cpu", sampler="ancestral", steps=None, spacing="trailing", eta=0.0,
+    opts = dict(batch_size=None, device="cpu", sampler="ancestral", steps=None, spacing="auto", eta=0.0,
                 clip_denoised=True, amp_dtype=None, progress=False, speed=None, x_T=None, model_kwargs=None,
                 guidance=None, sampler_options=None)
     unknown = set(kwargs) - set(opts)

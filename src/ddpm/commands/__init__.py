@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "report": "report",
     "edit": "edit",
     "encode": "encode",
+    "distill": "distill",
 }
 
 

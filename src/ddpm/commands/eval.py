@@ -50,7 +50,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_model_args(st)
     st.add_argument("--samplers", default="ancestral,ddim", metavar="A,B,...", help="sampler names, comma-separated")
     st.add_argument("--nfe", default="5,10,20,50", metavar="N,N,...", help="network calls per image")
-    st.add_argument("--spacing", default="trailing", metavar="S,S,...", help="timestep spacings, comma-separated")
+    st.add_argument("--spacing", default="auto", metavar="S,S,...",
+                    help="timestep spacings, comma-separated (auto: per sampler and NFE, the one measured best)")
     st.add_argument("--clip", default="on", choices=CLIP_CHOICES, help="clamp x0 predictions to [-1, 1]")
     st.add_argument("--eta", type=float_at_least(0.0), default=0.0, help="DDIM eta")
     st.add_argument("--var", default="model", choices=REVERSE_VARIANCES, help="ancestral/ddim variance")

@@ -28,8 +28,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--steps", type=POS, default=None, help="network calls per image (default: all T; fewer "
                    "respace the chain, see --spacing)")
     s.add_argument("--eta", type=float_at_least(0.0), default=0.0, help="DDIM eta (0 = deterministic)")
-    s.add_argument("--spacing", default="trailing", choices=TIMESTEP_SPACINGS,
-                   help="which timesteps a --steps chain keeps (quadratic: DDIM's n ~ k^2; logsnr: uniform in log-SNR)")
+    s.add_argument("--spacing", default="auto", choices=TIMESTEP_SPACINGS,
+                   help="which timesteps a --steps chain keeps. auto: the one measured best for --sampler at "
+                        "--steps calls (ddpm.autospacing; trailing where not measured); quadratic: DDIM's n ~ k^2; "
+                        "logsnr: uniform in log-SNR")
     s.add_argument("--order", type=POS, default=None,
                    help="solver order for samplers that offer one (unipc: 2 or 3)")
     s.add_argument("--clip", default="on", choices=[c for c in CLIP_CHOICES if c != "both"],
@@ -74,6 +76,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
+    from .distill import sample_distilled
+
+    if sample_distilled(args):  # a distillation run or student file: DDIM on the student's kept steps
+        return
     from ..api import load
     from ..images import grid_scale, save_grid
     from ..speed import Speed
@@ -135,12 +141,18 @@ def run(args: argparse.Namespace) -> None:
         if args.sampler in ("ancestral", "ddim"):
             raise UserError(f"--order applies to the solvers (unipc: 2 or 3), not --sampler {args.sampler}")
         var_options = {**(var_options or {}), "order": args.order}
+    spacing = getattr(args, "spacing", "auto")
+    if spacing == "auto" and args.steps is not None and env.is_main:
+        from ..autospacing import resolve_spacing
+
+        print(f"spacing: auto -> {resolve_spacing(spacing, args.sampler, args.steps)} "
+              f"(measured best for {args.sampler} at {args.steps} network calls)")
     from ..chunks import finish, run_chunked, sampling_chunks
 
     # finished chunks kept in OUT.parts/: the same command continues after a kill (ddpm.chunks)
     make = sampling_chunks(diffusion, model, shape, args.seed, labels=labels, model_kwargs=model_kwargs,
                            sampler=args.sampler, steps=args.steps, eta=args.eta, guidance=guidance,
-                           sampler_options=var_options, spacing=getattr(args, "spacing", "trailing"),
+                           sampler_options=var_options, spacing=spacing,
                            clip_denoised=getattr(args, "clip", "on") == "on", x_T=x_T,
                            **{**common, "progress": False})
     images = run_chunked(out, command_identity(args, dev), args.n, make, batch_size=args.batch_size,

@@ -19,16 +19,19 @@ import numpy as np
 
 from ..errors import SamplingOptionError
 
-COLUMNS = ("sampler", "full", "spacing", "clip", "var", "nfe", "steps", "quality", "metric", "seconds_per_image", "n")
+COLUMNS = ("sampler", "full", "spacing", "spacing_used", "clip", "var", "nfe", "steps", "quality", "metric",
+           "seconds_per_image", "n")
 
 
-def steps_for_nfe(diffusion, sampler: str, nfe: int, spacing: str = "trailing", clip: bool = True,
+def steps_for_nfe(diffusion, sampler: str, nfe: int, spacing: str = "auto", clip: bool = True,
                   eta: float = 0.0, options: Mapping[str, Any] | None = None) -> int:
     """The largest step count K whose chain costs at most ``nfe`` network calls per image with
     ``sampler`` (K = NFE for one-call-per-step samplers; fewer for multi-call steps)."""
     from .. import samplers
+    from ..autospacing import resolve_spacing
     from ..sampling import make_chain
 
+    spacing = resolve_spacing(spacing, sampler, nfe)
     cls = samplers.get(sampler)
     T = diffusion.num_timesteps
     for k in range(min(int(nfe), T), 1, -1):
@@ -39,7 +42,7 @@ def steps_for_nfe(diffusion, sampler: str, nfe: int, spacing: str = "trailing", 
 
 
 def run_steps(diffusion, model, shape: Sequence[int], quality: Callable[[np.ndarray], tuple[float, str]], *,
-              samplers: Sequence[str], nfes: Sequence[int], n: int, spacings: Sequence[str] = ("trailing",),
+              samplers: Sequence[str], nfes: Sequence[int], n: int, spacings: Sequence[str] = ("auto",),
               clips: Sequence[bool] = (True,), seed: int = 0, batch_size: int = 250, device="cpu",
               eta: float = 0.0, var: str = "model", gamma: np.ndarray | None = None, full_chain: bool = False,
               amp_dtype=None, progress: bool = True) -> list[dict[str, Any]]:
@@ -50,11 +53,13 @@ def run_steps(diffusion, model, shape: Sequence[int], quality: Callable[[np.ndar
             lower is better.
         var: "analytic" applies Analytic-DPM's variance (``gamma``: Gamma_n [T]) to ancestral and ddim.
         full_chain: add the T-step ancestral chain (Algorithm 2) as the reference row.
-    Returns: rows with the keys of :data:`COLUMNS` (seconds_per_image: the sampling wall time / n).
+    Returns: rows with the keys of :data:`COLUMNS` (seconds_per_image: the sampling wall time / n;
+        spacing_used: the concrete spacing ``auto`` resolved to, else the spacing itself).
     """
     from .. import samplers as registry
+    from ..autospacing import resolve_spacing
     from ..images import to_uint8
-    from ..sampling import sample
+    from ..sampling import make_chain, sample
 
     for name in samplers:
         registry.get(name)  # unknown names fail before any sampling
@@ -74,14 +79,20 @@ def run_steps(diffusion, model, shape: Sequence[int], quality: Callable[[np.ndar
     for name, spacing, clip, nfe in jobs:
         use_var = var if name in ("ancestral", "ddim") else "model"
         options = {"var": "analytic", "gamma": gamma} if use_var == "analytic" else None
-        steps = None if nfe is None else steps_for_nfe(diffusion, name, nfe, spacing, clip, eta, options)
+        # auto is resolved here, on the budget (network calls), and the concrete spacing is sampled
+        used = "trailing" if nfe is None else resolve_spacing(spacing, name, nfe)
+        steps = None if nfe is None else steps_for_nfe(diffusion, name, nfe, used, clip, eta, options)
+        # sample() counts network calls, steps_for_nfe kept timesteps: they differ for pndm (one extra call)
+        calls = None if steps is None else registry.get(name)(make_chain(diffusion, "cpu", steps, used, clip, eta,
+                                                                         options)).nfe
         t0 = time.perf_counter()
         x = sample(diffusion, model, shape, range(seed, seed + n), batch_size=batch_size, device=device,
-                   sampler=name, steps=steps, spacing=spacing, eta=eta, clip_denoised=clip, amp_dtype=amp_dtype,
+                   sampler=name, steps=calls, spacing=used, eta=eta, clip_denoised=clip, amp_dtype=amp_dtype,
                    sampler_options=options)
         secs = time.perf_counter() - t0
         score, metric, *extra = quality(to_uint8(x))
-        rows.append({"sampler": name, "full": nfe is None, "spacing": spacing, "clip": bool(clip), "var": use_var,
+        rows.append({"sampler": name, "full": nfe is None, "spacing": spacing, "spacing_used": used,
+                     "clip": bool(clip), "var": use_var,
                      "nfe": diffusion.num_timesteps if nfe is None else nfe,
                      "steps": diffusion.num_timesteps if steps is None else steps, "quality": float(score),
                      "metric": metric, "seconds_per_image": secs / n, "n": int(n), **(extra[0] if extra else {})})
@@ -96,6 +107,8 @@ def run_steps(diffusion, model, shape: Sequence[int], quality: Callable[[np.ndar
 def _label(row: Mapping[str, Any]) -> str:
     if row["full"]:
         return f"ancestral, full {row['nfe']}-step chain"
+    if row["sampler"] == "distilled":
+        return "distilled student (DDIM)"
     extra = [row["spacing"], "clip" if row["clip"] else "no clip"]
     if row["var"] == "analytic":
         extra.append("analytic var")
@@ -203,7 +216,10 @@ def command(args) -> None:
     spacings = [check_spacing(s.strip()) for s in args.spacing.split(",") if s.strip()]
     clips = {"on": [True], "off": [False], "both": [True, False]}[args.clip]
     dev = _device(args.device)
-    model, diffusion, cfg, meta = load(args.ckpt, device=dev)
+    from ..distill.evaluate import student_rows, teacher_path
+
+    # a distillation run: the solvers sample its teacher, its students add their own rows
+    model, diffusion, cfg, meta = load(teacher_path(args.ckpt), device=dev)
     shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
     if args.ref is not None:
         quality = fid_quality_fn(args.ref, args.split, dev, args.inception_weights)
@@ -221,6 +237,8 @@ def command(args) -> None:
                      clips=clips, seed=args.seed, batch_size=args.batch_size, device=dev, eta=args.eta, var=args.var,
                      gamma=gamma, full_chain=args.full, amp_dtype=_amp(args.precision),
                      progress=not args.no_progress)
+    rows += student_rows(args.ckpt, quality, n=args.n, seed=args.seed, batch_size=args.batch_size, device=dev,
+                         max_nfe=max(nfes), amp_dtype=_amp(args.precision))
     meta_out = {"ckpt": str(args.ckpt), "step": meta.get("step"), "n": args.n, "seed": args.seed, "eta": args.eta}
     paths = save_steps(rows, out, meta_out)
     print(format_table(rows))

@@ -82,8 +82,10 @@ SCHEDULER_DEFAULTS: dict[str, Any] = {
 _VAR_FROM_DIFFUSERS = {"fixed_large": "fixedlarge", "fixed_large_log": "fixedlarge",
                        "fixed_small": "fixedsmall", "fixed_small_log": "fixedsmall", "learned_range": "learned_range"}
 _VAR_TO_DIFFUSERS = {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small", "learned_range": "learned_range"}
-_MEAN_FROM_DIFFUSERS = {"epsilon": "eps", "sample": "xstart"}
-_MEAN_TO_DIFFUSERS = {"eps": "epsilon", "xstart": "sample"}
+# v = alpha_t eps - sigma_t x0 (Salimans & Ho 2022, section 4) is diffusers' "v_prediction", with the
+# same alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) (its get_velocity).
+_MEAN_FROM_DIFFUSERS = {"epsilon": "eps", "sample": "xstart", "v_prediction": "v"}
+_MEAN_TO_DIFFUSERS = {"eps": "epsilon", "xstart": "sample", "v": "v_prediction"}
 _SCHEDULE_FROM_DIFFUSERS = {"linear": "linear", "scaled_linear": "quad"}
 _SCHEDULE_TO_DIFFUSERS = {"linear": "linear", "quad": "scaled_linear"}
 
@@ -281,7 +283,8 @@ def scheduler_config_to_diffusion(sched: Mapping[str, Any] | None, resolution: i
 
     pred = s["prediction_type"]
     if pred not in _MEAN_FROM_DIFFUSERS:
-        raise _unsupported(where, "prediction_type", pred, '"epsilon" (our eps) or "sample" (our xstart)')
+        raise _unsupported(where, "prediction_type", pred,
+                           '"epsilon" (our eps), "sample" (our xstart) or "v_prediction" (our v)')
     mean_type = _MEAN_FROM_DIFFUSERS[pred]
 
     if "variance_type" in sched and sched["variance_type"] is not None:
@@ -596,7 +599,7 @@ def to_diffusers_dir(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, w
 
         config.json                          UNet2DModel config
         diffusion_pytorch_model.safetensors  UNet weights (``weights``: "ema" or "model")
-        scheduler_config.json                DDPMScheduler (betas, T, variance, epsilon/sample, clip)
+        scheduler_config.json                DDPMScheduler (betas, T, variance, epsilon/sample/v_prediction, clip)
         model_index.json                     {"unet": UNet2DModel, "scheduler": DDPMScheduler}
 
     Use::
@@ -627,10 +630,16 @@ def to_diffusers_dir(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, w
     from ..api import load_weights
     from ..checkpoint import atomic_write_bytes
 
-    path, state, cfg, _ = load_weights(ckpt_path, weights)
+    path, state, cfg, meta = load_weights(ckpt_path, weights)
     unet_cfg = model_to_diffusers_config(cfg.model, cfg.out_channels)
     theirs = state_dict_to_diffusers(state)
     sched, why = diffusion_to_scheduler_config(cfg.diffusion)
+    pipeline = "DDPMPipeline"
+    if sched is not None and (meta.get("distill") or {}).get("kept"):  # a distilled student: DDIM on its steps
+        from ..distill.export import student_scheduler
+
+        sched, why = student_scheduler(sched, meta["distill"]["kept"])
+        pipeline = "DDIMPipeline"
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -640,8 +649,8 @@ def to_diffusers_dir(ckpt_path: str | os.PathLike, out_dir: str | os.PathLike, w
     if sched is not None:
         _write_json(out / SCHEDULER_NAME, sched)
         _write_json(out / "model_index.json", {
-            "_class_name": "DDPMPipeline", "_diffusers_version": _diffusers_version(),
-            "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]})
+            "_class_name": pipeline, "_diffusers_version": _diffusers_version(),
+            "scheduler": ["diffusers", sched["_class_name"]], "unet": ["diffusers", "UNet2DModel"]})
     else:
         for name in (SCHEDULER_NAME, "model_index.json"):
             (out / name).unlink(missing_ok=True)

@@ -24,6 +24,7 @@ import torch
 
 from ..diffusion import GaussianDiffusion, StepCoefs, call_model
 from ..respacing import respace
+from ..vpred import x0_eps_from_v
 
 
 class NoiseSource(Protocol):
@@ -92,7 +93,9 @@ class Denoiser:
             channels become out_u + W (out_c - out_u) (W = 1: conditional, W = 0: unconditional;
             Ho & Salimans' w is W - 1), the variance channels of a learned-variance model are the
             conditional branch's. The combination is linear with weights summing to 1, so it is
-            the same whether the channels predict eps, x0 or the posterior mean.
+            the same whether the channels predict eps, x0, the posterior mean or v (at fixed x_t, v,
+            x0 and the mean are affine in eps with coefficients that do not depend on the model,
+            so mixing any of them mixes eps by the same weights).
         null_kwargs: the unconditional branch's kwargs (default: every ``y`` replaced by
             ``model.num_classes``, the null class of :class:`ddpm.nets.unet.UNet`).
         on_call: called after every network call (progress bars).
@@ -136,11 +139,16 @@ class Denoiser:
 
         x0 is clamped to [-1, 1] when the chain clips, and eps is then recomputed from it
         (eps = (x / sqrt(abar) - x0) / sqrt(1/abar - 1), the inverse of paper Eq. 15), so the pair
-        is consistent with x; without clipping an eps model's eps is returned as it came.
+        is consistent with x; without clipping an eps model's eps is returned as it came, and a v
+        model's pair is (sigma x + alpha v, alpha x - sigma v) (Salimans & Ho 2022, section 4).
         """
         out = self(x, k) if out is None else out
         c = self.chain.coefs[k]
         d = self.chain.spaced
+        if d.mean_type.value == "v" and not self.chain.clip_denoised:
+            # Salimans & Ho section 4: the exact inverse rotation, no division by alpha or sigma.
+            x0, eps = x0_eps_from_v(x, out[:, :x.shape[1]], c.sqrt_alphas_cumprod, c.sqrt_one_minus_alphas_cumprod)
+            return eps, x0
         _, _, _, x0 = d.mean_variance_from_output(out, x, c, self.chain.clip_denoised)
         if d.mean_type.value == "eps" and not self.chain.clip_denoised:
             return out[:, :x.shape[1]], x0
