@@ -219,7 +219,10 @@ def test_sdedit_at_strength_1_is_sampling_from_the_noised_guide(kw):
     seeds = [3, 1, 4]
     out = sdedit(d, Toy(), guide, 1.0, seeds, **kw)
     steps = kw.get("steps")
-    top = T - 1 if steps is None else max(make_chain(d, "cpu", steps, kw.get("spacing", "trailing")).timesteps)
+    from ddpm.autospacing import resolve_spacing
+
+    spacing = resolve_spacing(kw.get("spacing", "auto"), kw.get("sampler", "ancestral"), steps)  # sample's default
+    top = T - 1 if steps is None else max(make_chain(d, "cpu", steps, spacing).timesteps)
     eps = ImageNoise(seeds, (1, 4, 4)).next()
     abar = d.alphas_cumprod[top]
     x_T = math.sqrt(abar) * guide + math.sqrt(1 - abar) * eps

@@ -272,7 +272,7 @@ def test_results_are_told_apart_by_content_as_the_evaluations_write_them(tmp_pat
                     mse=np.linspace(0.0, 0.5, T), meta={"seed": 0})
     nll.save(run / "eval" / "nll.json")
     save_rd(rate_distortion(nll), run / "eval" / "rd.json")
-    steps_row = {"sampler": "ddim", "full": False, "spacing": "trailing", "clip": True, "var": "model", "nfe": 10,
+    steps_row = {"sampler": "ddim", "full": False, "spacing": "trailing", "spacing_used": "trailing", "clip": True, "var": "model", "nfe": 10,
                  "steps": 10, "quality": 2.5, "metric": "digits FD", "seconds_per_image": 0.01, "n": 20}
     save_steps([steps_row, {**steps_row, "nfe": 20, "steps": 20, "quality": 1.5}], run / "steps.json")
     save_guidance([{"guidance": w, "agreement": 0.5 + w / 10, "fd": 3 - w, "confidence": 0.9, "balance": 0.99,

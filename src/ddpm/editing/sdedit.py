@@ -29,6 +29,7 @@ from ..diffusion import GaussianDiffusion
 from ..errors import SamplingOptionError
 from ..rng import ImageNoise
 from ..samplers.base import Chain
+from ..autospacing import resolve_spacing
 from ..sampling import make_chain
 from ..speed import Speed
 from ._common import Batches, check_images
@@ -62,7 +63,7 @@ def sdedit_chain(chain: Chain, t0: int) -> Chain:
 
 @torch.inference_mode()
 def sdedit(diffusion: GaussianDiffusion, model: Callable, images: torch.Tensor, strength: float,
-           seeds: Sequence[int], *, sampler: str = "ancestral", steps: int | None = None, spacing: str = "trailing",
+           seeds: Sequence[int], *, sampler: str = "ancestral", steps: int | None = None, spacing: str = "auto",
            eta: float = 0.0, clip_denoised: bool = True, batch_size: int | None = None, device="cpu",
            amp_dtype: torch.dtype | None = None, progress: bool = False, speed: Speed | None = None,
            model_kwargs: Mapping[str, torch.Tensor] | None = None, guidance: float | None = None,
@@ -83,6 +84,7 @@ def sdedit(diffusion: GaussianDiffusion, model: Callable, images: torch.Tensor, 
     N, C, H, W = x_guide.shape
     t0 = start_step(strength, diffusion.num_timesteps)
     cls = samplers.get(sampler)
+    spacing = resolve_spacing(spacing, sampler, steps)  # as ddpm.sample resolves auto
     full = make_chain(diffusion, device, None if steps is None else cls.chain_steps(steps), spacing,
                       clip_denoised, eta, sampler_options)
     chain = sdedit_chain(full, t0)

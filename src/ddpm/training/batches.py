@@ -107,6 +107,7 @@ class BatchSource:
         self._make = lambda: EpochSampler(len(dataset), global_batch, seed, flip)
         self._iter = None
         self.images: torch.Tensor | None = None  # uint8 [N, H, W, C] on the device (put_on_device)
+        self._worker_skips: dict[int, int] = {}
 
     def put_on_device(self, device: torch.device) -> int:
         """Decode the whole dataset once into uint8 [N, H, W, C] on ``device``; :meth:`next` then
@@ -115,7 +116,6 @@ class BatchSource:
         self.images = self.images.to(device)
         self._iter = None
         return self.images.numel() * self.images.element_size()
-        self._worker_skips: dict[int, int] = {}
 
     @property
     def skipped_images(self) -> int:
