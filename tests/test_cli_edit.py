@@ -4,18 +4,16 @@ nothing written."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from ddpm.checkpoint import add_prefix, save_checkpoint
-from ddpm.cli import main
 from ddpm.config import apply_overrides, get_preset
 from ddpm.data import load_images
 from ddpm.nets.unet import UNet
+from test_cli import run as _run  # main(argv) -> (rc, stdout, stderr)
 
 TINY = ["model.ch=32", "model.ch_mult=1,2", "model.num_res_blocks=1", "model.attn_resolutions=4",
         "model.dropout=0", "diffusion.num_timesteps=10"]
@@ -52,15 +50,6 @@ def inputs(tmp_path_factory):
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(d / "black_mask.png")
     Image.fromarray(np.full((8, 8), 255, np.uint8)).save(d / "white_mask.png")
     return d
-
-
-def _run(argv, capsys):
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def test_inpaint_keeps_the_black_part_and_writes_a_grid(ckpt, inputs, tmp_path, capsys):

@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ddpm.cli import main
 from ddpm.config import apply_overrides, get_preset
 from ddpm.errors import ConfigError, DataError, UserError
 from ddpm.report import (MetricsLog, build_html, decimate, differing_keys, read_run, run_labels, smooth,
@@ -28,15 +27,7 @@ from ddpm.report.results import classify, find_results
 from ddpm.report.runfolder import STALE_AFTER_S, RunReader, read_status
 from ddpm.report.server import ReportSource, fingerprint, make_server
 from ddpm.report.svg import Series, line_chart, log_ticks, nice_ticks
-
-
-def cli(argv, capsys):
-    try:
-        rc = main(argv)
-    except SystemExit as e:
-        rc = e.code
-    out = capsys.readouterr()
-    return rc, out.out, out.err
+from test_cli import run as cli  # main(argv) -> (rc, stdout, stderr)
 
 
 def record(step: int, loss: float = 0.5, t0: float = 1.7e9, rate: float = 10.0) -> dict:
