@@ -12,6 +12,9 @@ Sections (see workloads.py for exactly what each side does):
 * sample  ancestral sampling throughput, images/s over the full 1000-step chain extrapolated
           from k timed steps, batch 64 on CPU / 256 on GPU: ``ddpm.sampling.sample`` vs
           DDPMPipeline's loop (DDPMScheduler).
+* module  the bare network as a researcher imports it: ``ddpm.UNet`` vs diffusers' ``UNet2DModel``
+          (same weights) in a plain loop, forward + L_simple + backward + ``torch.optim.Adam``,
+          NCHW, no fast path of ours (batch 8 on CPU / 64 on GPU).
 * digits  the default preset, ours only: end-to-end training steps/s (``ddpm.train``) and
           samples/s (``ddpm.sample``, full 1000-step chain unless --quick).
 
@@ -83,6 +86,7 @@ def bench_train(args, device: torch.device) -> list[Row]:
     if cuda:
         variants.append(OursOptions(channels_last=True, precision="bf16"))
     if not cuda:  # train.winograd: forward, input and weight gradients by Winograd F(4x4, 3x3)
+        variants.append(OursOptions(channels_last=False, winograd=True))
         variants.append(OursOptions(channels_last=True, winograd=True))
         # the trainer's defaults: layout and each conv shape timed once (ddpm.autotune, cached per machine)
         variants.append(OursOptions(channels_last=None, winograd=None))
@@ -131,14 +135,19 @@ def bench_sample(args, device: torch.device) -> list[Row]:
     cfg = get_preset("cifar10")
     cuda = device.type == "cuda"
     B = args.sample_batch or (256 if cuda else 64)
-    k = args.sample_steps or ((10 if args.quick else 50) if cuda else 2)
+    # CPU: 6 steps per timed call, so that what a sampling call sets up once (the weights in NHWC,
+    # Winograd's transformed weights and scratch memory: ~0.5 s for this network) weighs on the
+    # extrapolated 1000-step figure about as little as it does on a real chain (with 2 steps it
+    # was a 20% penalty on the Winograd path)
+    k = args.sample_steps or ((10 if args.quick else 50) if cuda else 2 if args.quick else 6)
     ours, theirs = build_models(cfg, device)
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
     shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
     # ours0/ours1: oneDNN's direct convolution (the same kernels diffusers calls), NCHW / NHWC
     variants = [SampleOptions(channels_last=False, winograd=False), SampleOptions(channels_last=True, winograd=False)]
     if not cuda:  # Winograd F(4x4, 3x3) for every conv with >= 128 channels, and the default:
-        # layout and per-shape routing timed once on this machine (ddpm.autotune)
+        # layout and routing timed together at this batch once on this machine (ddpm.netpath)
+        variants.append(SampleOptions(channels_last=False, winograd=True))
         variants.append(SampleOptions(channels_last=True, winograd=True))
         variants.append(SampleOptions())
     if cuda:
@@ -161,6 +170,23 @@ def bench_sample(args, device: torch.device) -> list[Row]:
             notes[f"ours{i}"] = _compile_notes(tm, f"ours{i}", "ours1", k)
     return rows_from("sample", f"cifar10 B={B}, {k}/1000 steps timed", tm, B * k / 1000, "img/s (1000 steps)",
                      "theirs", labels, notes)
+
+
+# ---------------------------------------------------------------------------------------------- module
+def bench_module(args, device: torch.device) -> list[Row]:
+    from workloads import PlainModuleStep, build_models
+
+    from ddpm.config import get_preset
+
+    cfg = get_preset("cifar10")
+    B = args.module_batch or (64 if device.type == "cuda" else 8)
+    ours, theirs = build_models(cfg, device, train=True)
+    fns = {"theirs": PlainModuleStep(theirs, cfg, B, device, diffusers=True),
+           "ours": PlainModuleStep(ours, cfg, B, device)}
+    labels = {"theirs": ("diffusers", "UNet2DModel, fp32 NCHW"), "ours": ("ddpm", "UNet, fp32 NCHW")}
+    log(f"[module] cifar10 U-Net in a plain loop (fwd, loss, bwd, torch Adam), batch {B}, {args.repeats} repeats")
+    tm = alternate(fns, args.repeats, warmup=1, device=device, log=log)
+    return rows_from("module", f"cifar10 bare module fwd+bwd+Adam B={B}", tm, 1.0, "steps/s", "theirs", labels)
 
 
 # ---------------------------------------------------------------------------------------------- digits
@@ -233,7 +259,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repeats and steps (a smoke test)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda if available)")
-    p.add_argument("--only", choices=("train", "sample", "digits"), default=None, help="run one section")
+    p.add_argument("--only", choices=("train", "sample", "module", "digits"), default=None, help="run one section")
     p.add_argument("--threads", type=int, default=None, help="torch threads for both sides (default: torch's)")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats per implementation (default: 5 on GPU, 3 on CPU; --quick: 1)")
@@ -242,8 +268,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fused-adam", action="store_true", help="also time the fused CPU Adam kernel")
     p.add_argument("--train-batch", type=int, default=None, help="override the training batch (32 CPU / 128 GPU)")
     p.add_argument("--sample-batch", type=int, default=None, help="override the sampling batch (64 CPU / 256 GPU)")
+    p.add_argument("--module-batch", type=int, default=None, help="override the bare-module batch (8 CPU / 64 GPU)")
     p.add_argument("--sample-steps", type=int, default=None,
-                   help="cifar10 sampling steps timed per call, >= 2 (default: 2 on CPU, 50 on GPU; quick 10)")
+                   help="cifar10 sampling steps timed per call, >= 2 (default: 6 on CPU, 50 on GPU; quick 2 / 10)")
     p.add_argument("--digits-train-steps", type=int, default=None,
                    help="training steps per digits call (default: 30 on CPU, 200 on GPU; quick 10)")
     p.add_argument("--digits-sample-steps", type=int, default=None,
@@ -288,7 +315,8 @@ def main(argv=None) -> int:
             "(and with more than one thread, consider --threads 1: OpenMP threads wait for each other)")
     rows: list[Row] = []
     t0 = time.perf_counter()
-    for name, fn in (("train", bench_train), ("sample", bench_sample), ("digits", bench_digits)):
+    for name, fn in (("train", bench_train), ("sample", bench_sample), ("module", bench_module),
+                     ("digits", bench_digits)):
         if args.only in (None, name):
             rows += fn(args, device)
     meta["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -69,7 +69,7 @@ class OursOptions:
     precision: str = "fp32"     # fp32 | bf16 | fp16 (ddpm.training.precision)
     compile: bool = False
     fused_adam: bool | None = None  # None: the trainer's choice (fused on CUDA, foreach elsewhere)
-    winograd: bool | None = False  # train.winograd: False direct, True always (untimed), None autotuned
+    winograd: bool | None = False  # False direct, True always (untimed), None decided with the layout
     cuda_graph: bool = False  # train.cuda_graph: the whole step captured once and replayed
 
     def label(self) -> str:
@@ -100,7 +100,7 @@ class OursTrainStep:
         from dataclasses import replace
 
         from ddpm.config import ModelConfig
-        from ddpm.fast import train_channels_last
+        from ddpm.netpath import decide
         from ddpm.training.ema import EMA
         from ddpm.training.optim import make_optimizer
         from ddpm.training.precision import resolve_precision
@@ -111,7 +111,12 @@ class OursTrainStep:
                      t_sampler="uniform", channels_last="auto" if opts.channels_last is None else opts.channels_last,
                      precision=opts.precision)
         shape = replace(ModelConfig(), in_channels=x0.shape[1], resolution=x0.shape[2])
-        nhwc = train_channels_last(tc.channels_last, model.train(), device, tuple(x0.shape[2:]), compile=opts.compile)
+        # the trainer's decision (ddpm.netpath.for_training) for this batch: what is None is timed
+        path = decide(model.train(), device, tuple(x0.shape), train=True, compile=opts.compile,
+                      amp_dtype=resolve_precision(opts.precision, device).dtype, channels_last=opts.channels_last,
+                      winograd=None if opts.winograd is None else bool(opts.winograd))
+        self.path = path.describe()
+        nhwc = path.channels_last
         if nhwc:
             model = model.to(memory_format=torch.channels_last)
         self.x0 = x0
@@ -128,7 +133,7 @@ class OursTrainStep:
                                 precision=resolve_precision(opts.precision, device), device=device,
                                 channels_last=nhwc)
         # as the trainer does: routed for the whole run (this model copy is this variant's own)
-        self._winograd = winograd_convs(model, enabled=opts.winograd is not False, autograd=True,
+        self._winograd = winograd_convs(model, enabled=path.winograd, autograd=True,
                                         autotune=None if opts.winograd is None else False)
         self._winograd.__enter__()
         self.step = 0
@@ -184,6 +189,30 @@ class TheirsTrainStep:
         self.optimizer.zero_grad()
         self.ema.step(self.model.parameters())
         self.last_loss = loss.detach()
+
+
+class PlainModuleStep:
+    """The network as a researcher drops it into their own loop: a fixed batch, random t and
+    noise drawn once, ``out = net(x_t, t)`` (diffusers: ``.sample``), mean squared error,
+    ``backward``, ``torch.optim.Adam`` with its defaults at lr 2e-4. No layout change, no
+    Winograd, no fused or foreach choice of ours: what ``ddpm.UNet`` costs by itself."""
+
+    def __init__(self, model, cfg: Config, batch: int, device: torch.device, diffusers: bool = False):
+        g = torch.Generator().manual_seed(3)
+        c, r = cfg.model.in_channels, cfg.model.resolution
+        self.model, self.diffusers = model.train(), diffusers
+        self.x = torch.randn((batch, c, r, r), generator=g).to(device)
+        self.t = torch.randint(0, 1000, (batch,), generator=g).to(device)
+        self.eps = torch.randn((batch, c, r, r), generator=g).to(device)
+        self.opt = torch.optim.Adam(model.parameters(), lr=LR)
+
+    def __call__(self) -> None:
+        out = self.model(self.x, self.t)
+        out = out.sample if self.diffusers else out
+        loss = F.mse_loss(out, self.eps)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
 
 
 # ---------------------------------------------------------------------------------------------- sampling

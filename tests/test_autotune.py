@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from ddpm import autotune, fast
+from ddpm import autotune
 from ddpm import winograd as wg
 from test_winograd import NET_REL_TOL, _inputs, _unet
 
@@ -253,48 +253,3 @@ def test_training_routing_is_timed_with_gradients_and_matches_direct(tuned):
         r = ref_grads[name]
         torch.testing.assert_close(p.grad, r, rtol=0, atol=4 * NET_REL_TOL * r.abs().max().item() + 1e-12,
                                    msg=name)
-
-
-@pytest.mark.parametrize("faster", ["nchw", "nhwc"])
-def test_channels_last_follows_the_timing(tuned, monkeypatch, faster):
-    calls = tuned({"nchw": 1.0, "nhwc": 1.0} | {faster: 0.5})
-    m = _unet(32)
-    snap = [(p, p.data_ptr(), p.stride()) for p in m.parameters()]
-    for hw in ((8, 8), (32, 32)):
-        assert fast.wants_channels_last(m, "cpu", hw) is (faster == "nhwc")
-        assert fast.FastModel(m, "cpu", image_hw=hw).channels_last is (faster == "nhwc")
-    assert len(autotune._MEMORY) == 2 and set(calls) == {"nchw", "nhwc"}  # one decision per image size
-    n = len(calls)
-    assert all(p.data_ptr() == ptr and p.stride() == st for p, ptr, st in snap)  # the model is untouched
-    # CUDA: not timed; NHWC only under torch.compile (eager NCHW measured faster there)
-    assert not fast.wants_channels_last(m, "cuda", (8, 8)) and fast.wants_channels_last(m, "cuda", (8, 8), compile=True)
-    monkeypatch.setenv(autotune.ENV_SWITCH, "0")  # static rule: NHWC from 32x32 pixels
-    assert not fast.wants_channels_last(m, "cpu", (8, 8)) and fast.wants_channels_last(m, "cpu", (32, 32))
-    assert len(calls) == n
-
-
-@pytest.mark.parametrize("faster", ["nchw", "nhwc"])
-def test_training_layout_follows_a_timed_training_step(tuned, monkeypatch, faster):
-    """train.channels_last=auto: on the CPU the layout a timed forward+backward pass found faster,
-    decided once (cached), with the model's weights, gradients and the RNG untouched; forced values
-    pass through; CUDA: NHWC only under compile; DDPM_AUTOTUNE=0 or compile on the CPU: NCHW."""
-    calls = tuned({"nchw": 1.0, "nhwc": 1.0} | {faster: 0.5})
-    m = _unet(32).train()
-    snap = [(p, p.data_ptr(), p.stride(), p.detach().clone()) for p in m.parameters()]
-    rng = torch.get_rng_state()
-    assert fast.train_channels_last("auto", m, "cpu", (16, 16)) is (faster == "nhwc")
-    assert fast.train_channels_last("auto", m, "cpu", (16, 16)) is (faster == "nhwc")  # from memory
-    (key,) = autotune._MEMORY
-    assert "fwd+bwd" in "|".join(key) and "train" in "|".join(key)
-    assert set(calls) == {"nchw", "nhwc"}
-    n = len(calls)
-    assert torch.equal(torch.get_rng_state(), rng)  # dropout in the probe did not move the seed
-    assert all(p.grad is None and p.data_ptr() == ptr and p.stride() == st and torch.equal(p, v)
-               for p, ptr, st, v in snap)
-    assert fast.train_channels_last(True, m, "cpu", (16, 16)) and not fast.train_channels_last(False, m, "cpu", (16, 16))
-    assert not fast.train_channels_last("auto", m, "cpu", (16, 16), compile=True)
-    assert not fast.train_channels_last("auto", m, "cuda", (16, 16))
-    assert fast.train_channels_last("auto", m, "cuda", (16, 16), compile=True)
-    monkeypatch.setenv(autotune.ENV_SWITCH, "0")
-    assert not fast.train_channels_last("auto", m, "cpu", (16, 16))
-    assert len(calls) == n  # nothing else was timed

@@ -139,8 +139,8 @@ def _interrupt(ckpt: Path, out: Path, sig: int, after: int, mode: str = "after")
     if mode == "after":
         _wait_for(lambda: len(_chunks(parts)) >= after, proc)
         time.sleep(0.2)  # past the rename, into the sleep
-    else:
-        _wait_for(lambda: any(parts.glob(".chunk_*.tmp")), proc)
+    else:  # the stalled write's own temporary (an earlier chunk's may exist for a moment too)
+        _wait_for(lambda: any(parts.glob(f".chunk_{after:06d}.npz.*.tmp")), proc)
     proc.send_signal(sig)
     try:
         _, err = proc.communicate(timeout=60)

@@ -9,6 +9,11 @@
   (the CUDA path, ``found_inf``).
 * The EMA's tensor-weight update equals the scalar lerp (CPU: bit for bit; the multi-tensor
   form used on GPUs: within float32 rounding) and leaves the average unchanged with weight 0.
+
+The trainer's CPU default reads the guard's flag on the host instead (free on a CPU, and it saves
+the copy-and-restore of every weight and moment): ``guard.HOST_GUARD_ON_CPU``. This module turns
+it off (the `device_guard` fixture) to check on a CPU the step that runs on a GPU, and checks
+that the CPU form gives the same bits.
 """
 
 from __future__ import annotations
@@ -20,11 +25,17 @@ import pytest
 import torch
 
 from ddpm.config import Config, DataConfig, DiffusionConfig, ModelConfig, TrainConfig
-from ddpm.training import hostsync
+from ddpm.training import guard, hostsync
 from ddpm.training.ema import EMA, foreach_lerp_tensor_
 from ddpm.training.hostsync import HostSyncError, forbid_host_sync
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread", "device_guard")
+
+
+@pytest.fixture
+def device_guard(monkeypatch):
+    """The guard as on a GPU (decided on the device) for this module's tests."""
+    monkeypatch.setattr(guard, "HOST_GUARD_ON_CPU", False)
 
 MODEL = ModelConfig(resolution=8, in_channels=1, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                     dropout=0.0)
@@ -183,6 +194,31 @@ def test_device_guard_skips_exactly_the_nonfinite_steps(fused):
         assert torch.equal(sa[k], sb[k]), k
     steps = {float(v) for k, v in sa.items() if k.endswith("/step")}
     assert steps == {4.0}  # Adam counted only the applied updates
+
+
+def test_cpu_host_guard_gives_the_device_guards_bits(monkeypatch):
+    """The CPU default (flag read on the host) and the device form: the same weights, EMA, Adam
+    moments and step counts after steps with NaN batches (not the first: a skipped first step
+    leaves zero moments in the device form and no state in the host form, the same optimiser)."""
+    from ddpm.training.step import train_step
+
+    cfg = tiny_config()
+    bad = {2, 4}
+    runs = {}
+    for host in (False, True):
+        monkeypatch.setattr(guard, "HOST_GUARD_ON_CPU", host)
+        parts = make_parts(cfg)
+        flags = [bool(train_step(parts, _nan_batch(k) if k in bad else batch(k), step=k).applied) for k in range(6)]
+        assert flags == [k not in bad for k in range(6)]
+        runs[host] = _state(parts)
+    assert runs[True].keys() == runs[False].keys()
+    for k in runs[True]:
+        assert torch.equal(runs[True][k], runs[False][k]), k
+    # and the host form really is the one on the CPU by default (it reads the flag: the checker refuses it)
+    monkeypatch.setattr(guard, "HOST_GUARD_ON_CPU", True)
+    parts = make_parts(cfg)
+    with forbid_host_sync(allow=adam_step_counts(parts.optimizer)), pytest.raises(HostSyncError, match="__bool__"):
+        train_step(parts, batch(0), step=1)
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])

@@ -358,3 +358,23 @@ def test_class_embedding_gets_gradients_and_labels_are_refused_without_classes()
         _tiny()(x, t, torch.tensor([0, 1]))
     with pytest.raises(ConfigError, match="num_classes"):
         _tiny(num_classes=-1)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_forward_without_autograd_is_bitwise_the_autograd_one(layout):
+    """Without autograd the ResBlocks apply SiLU and their additions in place: the output must be
+    the same bits as the out-of-place forward (which autograd needs), and the input untouched."""
+    torch.manual_seed(0)
+    m = _perturb(UNet(in_channels=3, out_channels=3, ch=32, ch_mult=(1, 2), num_res_blocks=1,
+                      attn_resolutions=(8,), dropout=0.0, resolution=16)).eval().to(memory_format=layout)
+    x = torch.randn(3, 3, 16, 16).contiguous(memory_format=layout)
+    t = torch.tensor([0, 7, 999])
+    x0 = x.clone()
+    with torch.enable_grad():
+        ref = m(x, t)
+    assert ref.requires_grad
+    with torch.no_grad():
+        nog = m(x, t)
+    with torch.inference_mode():
+        inf = m(x, t)
+    assert torch.equal(nog, ref.detach()) and torch.equal(inf, ref.detach()) and torch.equal(x, x0)

@@ -37,6 +37,7 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -45,7 +46,7 @@ import torch
 from .atomic import atomic_write_text
 
 __all__ = ["ENV_SWITCH", "ENV_CACHE", "enabled", "cache_dir", "cpu_signature", "machine", "cache_path",
-           "measure", "choose", "clear_memory"]
+           "measure", "Decision", "decide", "choose", "clear_memory"]
 
 ENV_SWITCH = "DDPM_AUTOTUNE"  # "0" / "off" / "false" / "no": no timing, static rules
 ENV_CACHE = "DDPM_CACHE_DIR"  # overrides $XDG_CACHE_HOME/ddpm (tests point it at a temporary folder)
@@ -55,7 +56,7 @@ MARGIN = 0.08      # a candidate must beat the baseline's median by 8% (above th
 MAX_SPREAD = 0.5   # (max - min) / median of a candidate's repeats above this: too noisy to keep on disk
 _FORMAT = 1
 
-_MEMORY: dict[tuple[str, str, str, str], str] = {}
+_MEMORY: dict[tuple[str, str, str, str], tuple[str, dict]] = {}
 
 
 def enabled() -> bool:
@@ -116,9 +117,12 @@ def measure(name: str, fn: Callable[[], object]) -> float:
     return time.perf_counter() - t0
 
 
-def _time_all(candidates: Mapping[str, Callable[[], object]]) -> dict[str, list[float]]:
+def _time_all(candidates: Mapping[str, Callable[[], object]], budget_s: float | None = None,
+              min_rounds: int = 1) -> dict[str, list[float]]:
     """Interleaved timings: a warm-up call of each (not kept), then rounds of one call of each,
-    the order rotating by one every round, until :data:`REPEATS` rounds or :data:`BUDGET_S`."""
+    the order rotating by one every round, until :data:`REPEATS` rounds, or (after ``min_rounds``)
+    once ``budget_s`` (default :data:`BUDGET_S`) is spent or the fastest is clearly apart."""
+    budget_s = BUDGET_S if budget_s is None else budget_s
     names = list(candidates)
     for name in names:
         measure(name, candidates[name])
@@ -129,7 +133,9 @@ def _time_all(candidates: Mapping[str, Callable[[], object]]) -> dict[str, list[
             dt = float(measure(name, candidates[name]))
             times[name].append(dt)
             spent += dt
-        if spent > BUDGET_S or (r >= 2 and _separated(times, min(times, key=lambda n: min(times[n])))):
+        if r + 1 < min_rounds:
+            continue
+        if spent > budget_s or (r >= 2 and _separated(times, min(times, key=lambda n: min(times[n])))):
             break
     return times
 
@@ -164,6 +170,47 @@ def _store(path: Path, mach: Mapping[str, str], key: str, entry: dict) -> None:
         pass  # read-only home, full disk: the decision still holds for this process
 
 
+@dataclass(frozen=True)
+class Decision:
+    """What :func:`decide` chose: ``choice`` (a candidate's name), ``seconds`` (each candidate's
+    median seconds per call when it was timed; empty if the cache entry had none) and ``source``:
+    "timed" (now), "memory" (earlier in this process) or "cache" (the file)."""
+
+    choice: str
+    seconds: dict
+    source: str
+
+
+def decide(key: str, candidates: Mapping[str, Callable[[], object]], baseline: str, margin: float = MARGIN,
+           budget_s: float | None = None, min_rounds: int = 1) -> Decision:
+    """Like :func:`choose`, with the timings: a :class:`Decision`. ``budget_s`` and ``min_rounds``
+    size the timing of expensive candidates (whole network calls): at least ``min_rounds``
+    rounds, more while under ``budget_s`` seconds (default :data:`BUDGET_S`) and unclear."""
+    if baseline not in candidates:
+        raise ValueError(f"baseline {baseline!r} is not among the candidates {sorted(candidates)}")
+    mach = machine()
+    full = f"{key}|threads={torch.get_num_threads()}"
+    mem_key = (str(cache_dir()), mach["cpu"], mach["torch"], full)
+    hit = _MEMORY.get(mem_key)
+    if hit is not None and hit[0] in candidates:
+        return Decision(hit[0], dict(hit[1]), "memory")
+    path = cache_path(mach)
+    stored = _load(path, mach).get(full)
+    if isinstance(stored, dict) and stored.get("choice") in candidates:
+        secs = stored.get("seconds") if isinstance(stored.get("seconds"), dict) else {}
+        _MEMORY[mem_key] = (stored["choice"], secs)
+        return Decision(stored["choice"], dict(secs), "cache")
+    runs = _time_all(candidates, budget_s, min_rounds)
+    med = {name: statistics.median(ts) for name, ts in runs.items()}
+    best = min(med, key=med.get)
+    choice = best if med[best] < (1.0 - margin) * med[baseline] else baseline
+    _MEMORY[mem_key] = (choice, med)
+    spread = max((max(ts) - min(ts)) / max(statistics.median(ts), 1e-12) for ts in runs.values())
+    if spread <= MAX_SPREAD or _separated(runs, choice):
+        _store(path, mach, full, {"choice": choice, "seconds": med})
+    return Decision(choice, dict(med), "timed")
+
+
 def choose(key: str, candidates: Mapping[str, Callable[[], object]], baseline: str,
            margin: float = MARGIN) -> str:
     """The name of the candidate to use for ``key`` on this machine and thread count.
@@ -174,25 +221,4 @@ def choose(key: str, candidates: Mapping[str, Callable[[], object]], baseline: s
     (and stored) only when neither has it. Keys should name everything the speed depends on
     besides the machine and threads (shapes, dtype, layout, autograd use).
     """
-    if baseline not in candidates:
-        raise ValueError(f"baseline {baseline!r} is not among the candidates {sorted(candidates)}")
-    mach = machine()
-    full = f"{key}|threads={torch.get_num_threads()}"
-    mem_key = (str(cache_dir()), mach["cpu"], mach["torch"], full)
-    hit = _MEMORY.get(mem_key)
-    if hit in candidates:
-        return hit
-    path = cache_path(mach)
-    stored = _load(path, mach).get(full)
-    if isinstance(stored, dict) and stored.get("choice") in candidates:
-        _MEMORY[mem_key] = stored["choice"]
-        return stored["choice"]
-    runs = _time_all(candidates)
-    med = {name: statistics.median(ts) for name, ts in runs.items()}
-    best = min(med, key=med.get)
-    choice = best if med[best] < (1.0 - margin) * med[baseline] else baseline
-    _MEMORY[mem_key] = choice
-    spread = max((max(ts) - min(ts)) / max(statistics.median(ts), 1e-12) for ts in runs.values())
-    if spread <= MAX_SPREAD or _separated(runs, choice):
-        _store(path, mach, full, {"choice": choice, "seconds": med})
-    return choice
+    return decide(key, candidates, baseline, margin).choice

@@ -9,6 +9,7 @@ exit status 2 (argparse's own errors are folded into the same one-line form).
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from . import __version__
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    restore = _verbose_logging() if getattr(args, "verbose", False) else None
     try:
         module(args.command).run(args)
     except UserError as e:
@@ -37,7 +39,33 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # also a second SIGINT/SIGTERM during a graceful stop (signum set)
         sys.stderr.write(f"ddpm {args.command}: interrupted\n")
         return 128 + getattr(e, "signum", 2)
+    finally:
+        if restore is not None:
+            restore()
     return 0
+
+
+class _Stderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (not at creation)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def _verbose_logging():
+    """``-v``: the library's INFO records (logger ``ddpm``) on stderr, one line each, for the
+    command's duration. Returns the function that undoes it (``main`` may run again in-process)."""
+    logger = logging.getLogger("ddpm")
+    handler, level = _Stderr(), logger.level
+    handler.setFormatter(logging.Formatter("ddpm: %(message)s"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+    def restore() -> None:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return restore
 
 
 def _one_line(msg: str) -> str:

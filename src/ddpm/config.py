@@ -130,11 +130,12 @@ class TrainConfig:
     # CUDA: capture the whole step (forward, backward, clipping, Adam, EMA) once in a CUDA graph
     # and replay it (ddpm.training.graphstep); one process, uniform t, bf16/fp32
     cuda_graph: bool = False
-    # NHWC weights and activations: "auto" (default) times both layouts once per machine on the
-    # CPU (ddpm.fast.train_channels_last); on CUDA NHWC only with compile. true/false force it.
+    # NHWC weights and activations: "auto" (default) decides on the CPU together with the
+    # convolution routing, by timing the run's step at its batch once per machine
+    # (ddpm.netpath.for_training); on CUDA NHWC only with compile. true/false force it.
     channels_last: bool | str = "auto"
-    # CPU float32 eager runs: Winograd F(4x4,3x3) for the 3x3 convs with >= 128 channels
-    # (ddpm.winograd); no effect with compile, autocast, on CUDA, or on narrower networks
+    # CPU float32 eager runs: Winograd F(4x4,3x3) for the wide 3x3 convs (ddpm.winograd) where
+    # the timing above finds it faster; false: never. No effect with compile, autocast, on CUDA
     winograd: bool = True
     max_nonfinite_in_row: int = 20
     log_every: int = 100

@@ -28,18 +28,15 @@ CPU the layout is decided by timing both where it runs (:func:`wants_channels_la
 from __future__ import annotations
 
 import contextlib
-import copy
-import hashlib
 import warnings
 from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
-from . import autotune
+from . import autotune, netpath
 
-__all__ = ["channels_last", "lowp_weights", "FastModel", "wants_channels_last", "train_channels_last",
-           "to_channels_last",
+__all__ = ["channels_last", "lowp_weights", "FastModel", "wants_channels_last", "to_channels_last",
            "cpu_has_fast_bf16"]
 
 
@@ -80,81 +77,16 @@ def _warn_if_slow_cpu_bf16(x: torch.Tensor) -> None:
                       RuntimeWarning, stacklevel=3)
 
 
-# The static CPU rule (DDPM_AUTOTUNE=0): NHWC pays where the convolutions dominate: measured
-# 1.19x for the 32x32 CIFAR-10 U-Net, but 0.87x for the 8x8 digits one (GroupNorm's NHWC kernel
-# is slower on small maps), on the AVX2 machine.
-_CPU_CHANNELS_LAST_MIN_PIXELS = 32 * 32
-# Autotuning: images per timed probe call (enough to fill the kernels, few enough that a
-# decision for the CIFAR-10 U-Net costs ~1-2 s once per machine).
-_PROBE_PIXELS = 4096
-_PROBE_MAX_BATCH = 32
-
-
-def _input_channels(model: nn.Module) -> int | None:
-    """C of the [B, C, H, W] input: ``model.config["in_channels"]`` (ddpm's UNet), else the first
-    Conv2d's input channels."""
-    cfg = getattr(model, "config", None)
-    if isinstance(cfg, dict) and isinstance(cfg.get("in_channels"), int):
-        return cfg["in_channels"]
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return None if first is None else int(first.in_channels)
-
-
-def _tuned_channels_last(model: nn.Module, image_hw: tuple[int, int], train: bool = False) -> bool | None:
-    """NHWC or NCHW for ``model(x, t)`` on this CPU, by timing both on a probe batch of zeros
-    (:func:`ddpm.autotune.choose`, cached per machine and thread count; NCHW, the plain path,
-    unless NHWC is faster by more than the noise margin). ``train``: time a training step's
-    network work instead (forward pass, then every parameter's gradient, without touching
-    ``.grad``). None when the model cannot be probed (unknown input channels,
-    or a forward that needs more than ``(x, t)``)."""
-    c_in = _input_channels(model)
-    if c_in is None:
-        return None
-    h, w = int(image_hw[0]), int(image_hw[1])
-    bsz = max(1, min(_PROBE_MAX_BATCH, _PROBE_PIXELS // max(1, h * w)))
-    shapes = ";".join(f"{n}:{tuple(p.shape)}" for n, p in model.named_parameters())
-    sig = hashlib.sha256(shapes.encode()).hexdigest()[:12]
-    key = (f"layout|{type(model).__name__}|{sig}|{bsz}x{c_in}x{h}x{w}|float32|{'train' if model.training else 'eval'}"
-           + ("|fwd+bwd" if train else ""))
-    x = torch.zeros(bsz, c_in, h, w)
-    t = torch.zeros(bsz, dtype=torch.long)
-    state: dict[str, nn.Module] = {}
-
-    def run(m: nn.Module, xx: torch.Tensor) -> None:
-        if not train:
-            with torch.no_grad():
-                m(xx, t)
-            return
-        with torch.enable_grad():
-            out = m(xx, t)
-            torch.autograd.grad(out.square().mean(), [p for p in m.parameters() if p.requires_grad])
-
-    def nchw():
-        run(model, x)
-
-    def nhwc():
-        if "m" not in state:  # an NHWC copy, made at the warm-up call (not timed), dropped after
-            state["m"] = copy.deepcopy(model).to(memory_format=torch.channels_last)
-        run(state["m"], to_channels_last(x))
-
-    try:
-        with torch.random.fork_rng(devices=[]):  # dropout in a train-mode model must not move the seed
-            return autotune.choose(key, {"nchw": nchw, "nhwc": nhwc}, baseline="nchw") == "nhwc"
-    except (TypeError, ValueError, RuntimeError, IndexError, KeyError):
-        return None  # not a plain (x, t) network: keep the static rule
-    finally:
-        state.clear()
-
-
 def wants_channels_last(model: Callable, device: torch.device | str, image_hw: tuple[int, int] | None = None,
                         compile: bool = False) -> bool:
     """Whether to run ``model`` in NHWC: an ``nn.Module`` with convolution weights, on CUDA only
     when ``compile`` (inductor fuses the layout changes away; eager GroupNorm on NHWC tensors adds
     copies: measured on an H200, torch 2.11, the cifar10 U-Net in eager NCHW was 1.03-1.09x faster
     than NHWC for sampling with CUDA graphs and 1.05x for training, benchmarks/README.md), or on
-    the CPU where timing it for ``image_hw``
-    = (H, W) found NHWC faster (:mod:`ddpm.autotune`, once per machine, thread count and
-    network). With ``DDPM_AUTOTUNE=0``, or a model that cannot be probed, the static rule: on the
+    the CPU where timing a probe batch of ``image_hw`` = (H, W) images (about 4096 pixels) with the
+    direct convolution found NHWC faster (:func:`ddpm.netpath.decide`, once per machine, thread
+    count and network; the samplers and the trainer decide layout and Winograd routing together at
+    their real batch instead, through :mod:`ddpm.netpath`). With ``DDPM_AUTOTUNE=0``, or a model that cannot be probed, the static rule: on the
     CPU for images of at least 32x32 pixels (unknown counts as large). Plain callables are left
     alone."""
     device = torch.device(device)
@@ -163,33 +95,16 @@ def wants_channels_last(model: Callable, device: torch.device | str, image_hw: t
     if not any(p.dim() == 4 for p in model.parameters()):
         return False
     if device.type == "cpu" and image_hw is not None:
-        if autotune.enabled():
-            tuned = _tuned_channels_last(model, image_hw)
-            if tuned is not None:
-                return tuned
-        return int(image_hw[0]) * int(image_hw[1]) >= _CPU_CHANNELS_LAST_MIN_PIXELS
+        c_in = netpath.input_channels(model)
+        if autotune.enabled() and c_in is not None:
+            h, w = int(image_hw[0]), int(image_hw[1])
+            # the layout alone (a bare FastModel routes no convolution through Winograd)
+            return netpath.decide(model, device, (netpath.probe_batch(h, w), c_in, h, w), compile=compile,
+                                  winograd=False).channels_last
+        return int(image_hw[0]) * int(image_hw[1]) >= netpath.CPU_CHANNELS_LAST_MIN_PIXELS
     if device.type == "cuda":
         return bool(compile)
     return True
-
-
-def train_channels_last(setting: bool | str, model: Callable, device: torch.device | str,
-                        image_hw: tuple[int, int], compile: bool = False) -> bool:
-    """The layout of a training run (``train.channels_last``): True/False as set, or for "auto":
-    on CUDA NHWC only under ``compile`` (as :func:`wants_channels_last`); on the CPU NHWC where
-    timing a forward and backward pass of ``model`` (in its current mode) in both layouts found
-    it faster (:mod:`ddpm.autotune`, cached per machine and thread count), and NCHW, the plain
-    path, with ``DDPM_AUTOTUNE=0``, under ``compile``, or for a model that cannot be probed."""
-    if setting != "auto":
-        return bool(setting)
-    device = torch.device(device)
-    if not isinstance(model, nn.Module) or not any(p.dim() == 4 for p in model.parameters()):
-        return False
-    if device.type == "cuda":
-        return bool(compile)
-    if device.type != "cpu" or compile or not autotune.enabled():
-        return False
-    return bool(_tuned_channels_last(model, image_hw, train=True))
 
 
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:

@@ -63,6 +63,7 @@ class StepMeasure:
     cuda_peak_bytes: Optional[int] = None
     method: str = ""
     update_bytes: int = 0        # temporaries of clipping/Adam/EMA (after the activations are freed)
+    path: str = ""               # the network path chosen for the run (ddpm.netpath.NetPath.describe)
 
     @property
     def estimate_bytes(self) -> int:
@@ -137,8 +138,8 @@ def measure_step(cfg: Config, device, world_size: int = 1, batch: Optional[int] 
     import torch
 
     from .diffusion import GaussianDiffusion
-    from .fast import train_channels_last
     from .nets.unet import UNet
+    from .netpath import for_training
     from .training.precision import resolve_precision
     from .winograd import winograd_convs
 
@@ -153,7 +154,9 @@ def measure_step(cfg: Config, device, world_size: int = 1, batch: Optional[int] 
     with torch.random.fork_rng(devices=[device] if cuda else []):
         torch.manual_seed(0)
         model = UNet.from_config(cfg.model, cfg.out_channels).to(device).train()
-        if train_channels_last(tc.channels_last, model, device, (r, r), compile=tc.compile):
+        # the run's layout and routing, decided at its micro-batch (cached: the trainer reuses it)
+        path = for_training(cfg, model, device, world_size)
+        if path.channels_last:
             model = model.to(memory_format=torch.channels_last)
         params = [p for p in model.parameters()]
         ema = [p.detach().clone() for p in params]
@@ -176,7 +179,7 @@ def measure_step(cfg: Config, device, world_size: int = 1, batch: Optional[int] 
             return x
 
         fb_times, upd_times, working = {}, [], None
-        with winograd_convs(model, enabled=tc.winograd and not tc.compile, autograd=True):
+        with winograd_convs(model, enabled=path.winograd and not tc.compile, autograd=True):
             # Steps 0 and 1 pay the one-off costs of each batch size (first-call kernel setup, the
             # convolution routing's timing, Adam's moments); steps 2-5 are timed, twice at each of
             # batches b and b2 (the faster kept); step 6 measures memory (the per-op hook of the
@@ -241,7 +244,7 @@ def measure_step(cfg: Config, device, world_size: int = 1, batch: Optional[int] 
     return StepMeasure(seconds=step_seconds, params=n_params,
                        state_bytes=STATE_BYTES_PER_PARAM * n_params, activation_bytes=int(activations),
                        measured_batch=b, micro_batch=micro, cuda_peak_bytes=cuda_peak, method=method,
-                       update_bytes=int(update))
+                       update_bytes=int(update), path=path.describe())
 
 
 def measure_grid_call(cfg: Config, device) -> float:
@@ -405,7 +408,7 @@ def step_lines(cfg: Config, m: StepMeasure, device, grid_call_seconds: Optional[
         mem += f"; measured CUDA peak {_mib(m.cuda_peak_bytes)}"
     if not cfg.model.checkpointing and m.activation_bytes > 2 * m.state_bytes and cfg.model.resolution >= 64:
         mem += "; model.checkpointing=true trades ~1 more forward pass for most of the activations"
-    return [line, "  " + mem] + (["  " + grids[0]] if grids else [])
+    return [line, "  " + mem] + (["  " + grids[0]] if grids else []) + (["  " + m.path] if m.path else [])
 
 
 def fit_line(cfg: Config, m: StepMeasure, device, free_total: Optional[tuple[int, int]] = None) -> Optional[str]:

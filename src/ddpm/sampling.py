@@ -124,7 +124,9 @@ def _sample_impl(diffusion, model, shape, seeds, *, batch_size, device, sampler,
     starts = range(0, N, batch_size)
     pbar = _progress(progress, len(starts) * unit.nfe, "sampling")
     finals, records = [], []
-    with fast_network(model, device, shape, speed, amp_dtype) as net:
+    # guidance runs the conditional and unconditional halves as one batch of 2B rows
+    rows = min(batch_size, N) * (2 if guidance is not None else 1)
+    with fast_network(model, device, shape, speed, amp_dtype, batch=rows) as net:
         for i in starts:
             b_seeds = seeds[i:i + batch_size]
             B = len(b_seeds)
@@ -278,7 +280,7 @@ def sample_chains(diffusion: GaussianDiffusion, model: Callable, shape: Sequence
     share = steps_left[:, None] <= split_rows[None, :]  # [T, R]
     chain, unit = _ancestral(diffusion, device, clip_denoised)
     pbar = _progress(progress, T, "chains")
-    with fast_network(model, device, shape, speed, amp_dtype) as net:
+    with fast_network(model, device, shape, speed, amp_dtype, batch=R) as net:
         denoise = Denoiser(net, chain, R, amp_dtype, on_call=None if pbar is None else (lambda: pbar.update(1)))
         x = unit.run(denoise, x, _SharedThenSplit(shared, own, share, len(splits)))
     if pbar is not None:
@@ -325,7 +327,7 @@ def interpolate(diffusion: GaussianDiffusion, model: Callable, x0_a: torch.Tenso
     x = (1.0 - lam) * xt_a + lam * xt_b  # [L, C, H, W]
     chain, unit = _ancestral(diffusion, device, clip_denoised)
     pbar = _progress(progress, t + 1, "interpolate")
-    with fast_network(model, device, shape, speed, amp_dtype) as net:
+    with fast_network(model, device, shape, speed, amp_dtype, batch=L) as net:
         denoise = Denoiser(net, chain, L, amp_dtype, on_call=None if pbar is None else (lambda: pbar.update(1)))
         x = unit.run(denoise, x, _Repeat(ImageNoise([seed_rev], shape, device), L), start=t)
     if pbar is not None:

@@ -9,6 +9,7 @@ mistakes, which the CLI prints as one line with exit status 2.
 
 from __future__ import annotations
 
+import argparse
 import importlib
 from types import ModuleType
 
@@ -33,6 +34,19 @@ def module(name: str) -> ModuleType:
 
 
 def add_all(sub) -> None:
-    """Add every command's parser to the argparse subparsers ``sub``, in table order."""
+    """Add every command's parser to the argparse subparsers ``sub``, in table order; each (and
+    each of its own subcommands) takes ``-v/--verbose``."""
     for name in COMMANDS:
         module(name).add_parser(sub)
+        _add_verbose(sub.choices[name])
+
+
+def _add_verbose(parser) -> None:
+    # SUPPRESS: a nested subcommand's default must not overwrite a -v given before it
+    parser.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="also print what the library decides on the way (e.g. the network path: "
+                             "memory layout and convolution routing, with the timings behind the choice)")
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_verbose(child)

@@ -65,11 +65,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="run the network through torch.compile (pays off for long runs and on GPUs)")
     s.add_argument("--cuda-graph", action="store_true", help="on CUDA, replay each step from a CUDA graph")
     s.add_argument("--conv", default="auto", choices=CONV_MODES,
-                   help="3x3 convolutions on the CPU (eager float32): auto = timed once per layer shape on this "
-                        "machine and thread count, Winograd F(4x4,3x3) where it is faster than oneDNN's direct "
-                        "convolution (cached in ~/.cache/ddpm; DDPM_AUTOTUNE=0 turns the timing off and uses "
-                        "Winograd for >= 128 channels); winograd = always for >= 128 channels (rounding a few "
-                        "times the direct one's); direct = oneDNN")
+                   help="3x3 convolutions on the CPU (eager float32): auto = decided with the memory layout by "
+                        "timing whole network calls at this batch once per machine and thread count (-v shows "
+                        "the choice and the timings), and within Winograd F(4x4,3x3) each layer shape where it "
+                        "is faster than oneDNN's direct convolution (cached in ~/.cache/ddpm; DDPM_AUTOTUNE=0 "
+                        "turns the timing off and uses Winograd for >= 128 channels); winograd = always for "
+                        ">= 128 channels (rounding a few times the direct one's); direct = oneDNN")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_resume_args(s)  # --chunk-size, --overwrite (ddpm.chunks)
     return s

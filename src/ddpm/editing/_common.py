@@ -65,8 +65,9 @@ class Batches:
         self.net = None
 
     def __enter__(self) -> "Batches":
+        rows = min(self.batch_size, len(self.seeds)) * (2 if self.guidance is not None else 1)
         self.net = self._stack.enter_context(fast_network(self.model, self.device, self.shape, self.speed,
-                                                          self.amp_dtype))
+                                                          self.amp_dtype, batch=rows))
         if self.pbar is not None:
             self._stack.callback(self.pbar.close)
         return self

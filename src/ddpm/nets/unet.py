@@ -153,15 +153,21 @@ class ResBlock(nn.Module):
         return self._forward(x, temb_act)
 
     def _forward(self, x: torch.Tensor, temb_act: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb_proj(temb_act)[:, :, None, None]
-        h = F.silu(self.norm2(h))
+        # Without autograd (sampling, evaluation) SiLU and the additions write into the fresh
+        # tensors they read (the same values bit for bit, one memory pass fewer each; these
+        # memory-bound ops are ~15% of a CPU forward pass). With autograd SiLU must keep its
+        # input for the backward pass.
+        inplace = not torch.is_grad_enabled()
+        h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
+        temb = self.temb_proj(temb_act)[:, :, None, None]
+        h = h.add_(temb) if inplace else h + temb
+        h = F.silu(self.norm2(h), inplace=inplace)
         if self.dropout > 0.0 and self.training:
             h = F.dropout(h, p=self.dropout, training=True)
         h = self.conv2(h)
         if self.nin_shortcut is not None:
             x = self.nin_shortcut(x)
-        return x + h
+        return h.add_(x) if inplace else x + h
 
 
 class AttnBlock(nn.Module):

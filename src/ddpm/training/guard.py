@@ -10,10 +10,15 @@ per step, which on a GPU stalls the launch queue. Here the decision stays a devi
 * fused Adam (the CUDA default, also available on the CPU): the kernel's own ``found_inf``
   argument (1.0 skips the update of the weights and both moments; torch then subtracts it from
   the step count it had incremented, so Adam's ``step`` is unchanged too);
-* any other optimiser (the CPU default, foreach Adam): the update is taken, then every weight
-  and every state tensor is put back with ``torch.where(skip, before, after)`` from a copy made
-  just before. The kept values of an applied step are the optimiser's own, bit for bit, so CPU
-  runs are identical to a host-side ``if``. Cost: one copy of weights and moments per step.
+* any other optimiser on a GPU (e.g. foreach Adam): the update is taken, then every weight and
+  every state tensor is put back with ``torch.where(skip, before, after)`` from a copy made
+  just before. The kept values of an applied step are the optimiser's own, bit for bit, so the
+  result is identical to a host-side ``if``. Cost: one copy of weights and moments per step.
+* on the CPU (the trainer's foreach Adam there) the flag is read on the host: a CPU has no
+  launch queue to stall, so the read is free, while the copy-and-restore above cost ~15% of a
+  cifar10 training step at batch 8 (2-core Xeon, benchmarks/README.md). Same results bit for bit
+  (tests/test_step_device.py). :data:`HOST_GUARD_ON_CPU` = False keeps the device form on the CPU
+  too (the tests use it to check, on a CPU, the step that runs on a GPU).
 
 A skipped *first* step leaves zero moments and step 0 in the state (torch creates the state
 on the first call), which is the same optimiser as one with no state.
@@ -29,9 +34,17 @@ def is_fused(optimizer: torch.optim.Optimizer) -> bool:
     return bool(optimizer.param_groups) and all(g.get("fused") for g in optimizer.param_groups)
 
 
+HOST_GUARD_ON_CPU = True
+
+
 def guarded_step(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
     """``optimizer.step()`` where ``finite`` (bool [] on the parameters' device) is true;
-    otherwise weights and optimiser state are left exactly as they were. No host read."""
+    otherwise weights and optimiser state are left exactly as they were. No host read, except
+    of a CPU flag for a non-fused optimiser (:data:`HOST_GUARD_ON_CPU`)."""
+    if HOST_GUARD_ON_CPU and finite.device.type == "cpu" and not is_fused(optimizer):
+        if bool(finite):
+            optimizer.step()
+        return
     if is_fused(optimizer):
         # the fused kernel reads found_inf on the device; torch's GradScaler sets the same attributes
         optimizer.found_inf = (~finite).to(torch.float32)

@@ -40,7 +40,7 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from ..config import Config
 from ..diskspace import check_room, checkpoint_bytes
 from ..errors import CheckpointError, ConfigError, DataError, UserError
-from ..fast import train_channels_last
+from .. import netpath
 from ..winograd import winograd_convs
 from . import layout
 from .ema import EMA
@@ -193,10 +193,11 @@ class _Trainer:
         # Same initial weights on every rank (DDP would broadcast rank 0's anyway).
         torch.manual_seed(stream_seed(cfg.train.seed, 0, INIT_STREAM))
         model = UNet.from_config(cfg.model, cfg.out_channels).to(env.device)
-        # One layout for every rank: rank 0's (timed on the CPU; cached per machine) choice.
-        nhwc = env.rank == 0 and train_channels_last(cfg.train.channels_last, model.train(), env.device,
-                                                     (cfg.model.resolution,) * 2, compile=cfg.train.compile)
-        nhwc = bool(D.broadcast_object(nhwc))
+        # One layout and routing for every rank: rank 0's (timed on the CPU; cached per machine).
+        path = netpath.for_training(cfg, model.train(), env.device, env.world_size) if env.rank == 0 else None
+        path = D.broadcast_object(path)
+        self.path = path
+        nhwc = path.channels_last
         if nhwc:
             model = model.to(memory_format=torch.channels_last)
         diffusion = GaussianDiffusion.from_config(cfg.diffusion)
@@ -205,7 +206,8 @@ class _Trainer:
                           optimizer=make_optimizer(list(model.parameters()), cfg.train, env.device),
                           t_sampler=make_t_sampler(cfg.train.t_sampler, int(diffusion.num_timesteps)),
                           precision=resolve_precision(cfg.train.precision, env.device),
-                          device=env.device, rank=env.rank, world_size=env.world_size, channels_last=nhwc)
+                          device=env.device, rank=env.rank, world_size=env.world_size, channels_last=nhwc,
+                          winograd=path.winograd)
 
     def _wrap(self, parts: TrainParts) -> None:
         """DDP and/or torch.compile around the raw network, for the forward/backward pass only."""
@@ -303,6 +305,8 @@ class _Trainer:
         else:
             run.metrics_path.unlink(missing_ok=True)
         layout_name = "NHWC" if parts.channels_last else "NCHW"
+        if getattr(self, "path", None) is not None and self.path.seconds:
+            self.log(self.path.describe())  # what was timed for this run's layout and routing
         self.log(f"training {self.cfg.preset}: {sum(p.numel() for p in parts.params):,} parameters on "
                  f"{self.env.device} ({parts.precision.name}, {layout_name}), steps {counters.step} -> "
                  f"{tc.total_steps}, run folder {run.root}")
@@ -383,7 +387,7 @@ class _Trainer:
         with contextlib.ExitStack() as stack:
             # Kept open for the whole run: its scratch memory is allocated once, not at every step.
             # Not under torch.compile, which compiles the direct convolution.
-            stack.enter_context(winograd_convs(parts.model, enabled=tc.winograd and not tc.compile, autograd=True))
+            stack.enter_context(winograd_convs(parts.model, enabled=parts.winograd and not tc.compile, autograd=True))
             self.bar = Progress(self.show_progress, counters.step, tc.total_steps)
             stack.callback(self.bar.close)
             stack.callback(batches.close)

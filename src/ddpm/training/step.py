@@ -95,6 +95,7 @@ class TrainParts:
     rank: int = 0
     world_size: int = 1
     channels_last: bool = False  # the resolved train.channels_last (the model's weights are NHWC)
+    winograd: bool = False  # Winograd routing of the 3x3 convolutions (ddpm.netpath.for_training)
     params: list[torch.nn.Parameter] = field(init=False)
     rng: "StepGenerators" = field(init=False)
 
