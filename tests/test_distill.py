@@ -131,7 +131,7 @@ def test_bad_step_counts_are_one_line_config_errors(steps, start, msg):
 def test_default_start_is_32_or_the_largest_power_of_two():
     assert grid.default_start(200) == 32 and grid.default_start(1000) == 32 and grid.default_start(20) == 16
     s = default_settings(tiny_cfg(T=16))
-    assert s.start == 16 and s.steps == 4 and s.v_warmup == s.phase_steps // 2
+    assert s.start == 16 and s.steps == 4 and s.v_warmup == 2 * s.phase_steps // 3
     ph = phases(s, 16)
     assert [p.describe() for p in ph] == ["16 -> 16 (v warm-up)", "16 -> 8", "8 -> 4"]
 

@@ -190,3 +190,10 @@ def test_cli_sample_verbose_prints_the_path(tuned, tmp_path, capsys):  # noqa: F
     rc, _, err = run(argv + ["--out", str(tmp_path / "b.npz")], capsys)
     assert rc == 0 and "network path" not in err
     assert logging.getLogger("ddpm").level == logging.NOTSET  # -v undone after the command
+    from ddpm.cli import build_parser  # every command and sub-command takes -v, before or after its own
+
+    p = build_parser()
+    assert p.parse_args(["eval", "steps", "--ckpt", "x", "-v"]).verbose
+    assert p.parse_args(["eval", "-v", "steps", "--ckpt", "x"]).verbose
+    assert p.parse_args(["train", "-v", "--preset", "digits", "--out", "o"]).verbose
+    assert not hasattr(p.parse_args(["eval", "steps", "--ckpt", "x"]), "verbose")

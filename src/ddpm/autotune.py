@@ -2,8 +2,8 @@
 once, and remember the choice on disk (like cuDNN's benchmark mode).
 
 Used by :mod:`ddpm.winograd` (Winograd F(4x4, 3x3) or the direct convolution, per layer shape,
-batch, dtype, layout and autograd use) and :func:`ddpm.fast.wants_channels_last` (NHWC or NCHW
-for a network and image size). Which one is faster depends on the CPU (AVX2 vs AVX-512/AMX,
+batch, dtype, layout and autograd use) and :mod:`ddpm.netpath` (the network's layout and routing
+together, timed as whole network calls at the work's batch: :func:`decide` with more rounds). Which one is faster depends on the CPU (AVX2 vs AVX-512/AMX,
 oneDNN's kernels for it), the thread count and the torch build, so no threshold measured on one
 machine holds on the next.
 

@@ -21,8 +21,9 @@ convolutions are ~82% of the time and already run near the FMA peak), and bf16 a
 *slower* than fp32 because that CPU has no bf16 instructions; doing fewer multiplications
 (:mod:`ddpm.winograd`) is the lever there. On an Intel Xeon with AVX512-BF16 and AMX, bf16
 autocast is the lever (~2x over fp32; :func:`cpu_has_fast_bf16`, ``--precision bf16``). So on the
-CPU the layout is decided by timing both where it runs (:func:`wants_channels_last`,
-:mod:`ddpm.autotune`). `make bench` measures them; benchmarks/README.md has the numbers.
+CPU the layout is decided by timing where it runs, together with the convolution routing, at the
+batch the work runs (:mod:`ddpm.netpath`; a bare :class:`FastModel` times the layout alone,
+:func:`wants_channels_last`). `make bench` measures them; benchmarks/README.md has the numbers.
 """
 
 from __future__ import annotations

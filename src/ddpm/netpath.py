@@ -199,12 +199,14 @@ def _time(model: nn.Module, combos: Mapping[str, tuple[bool, bool]], baseline: s
     stack = contextlib.ExitStack()
 
     def net(name: str) -> tuple[nn.Module, torch.Tensor]:
-        # each candidate its own copy, made at its warm-up call (not timed): a model cannot be in
-        # two layouts, or routed two ways, at once; Winograd's routing stays open across calls,
-        # as in a sampling loop or a training run (its workspace is allocated once)
+        # each other candidate its own copy, made at its warm-up call (not timed): a model cannot
+        # be in two layouts, or routed two ways, at once; Winograd's routing stays open across
+        # calls, as in a sampling loop or a training run (its workspace is allocated once)
         if name not in copies:
             cl, wg = combos[name]
-            m = copy.deepcopy(model)
+            # the plain path runs the model itself (it is not changed: no .grad, no layout or
+            # routing), the others each a copy
+            m = model if not (cl or wg) else copy.deepcopy(model)
             if cl:
                 m = m.to(memory_format=torch.channels_last)
             if wg:

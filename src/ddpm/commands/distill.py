@@ -41,7 +41,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="student EMA decay (default: min(teacher's, 1 - 10/phase-steps))")
     d.add_argument("--v-warmup", type=int, default=None,
                    help="optimiser steps of a 1:1 phase distilling the teacher into the v parameterisation before "
-                        "the first halving (default: half of --phase-steps; 0: none, the first halving then starts "
+                        "the first halving (default: two thirds of --phase-steps; 0: none, the first halving then starts "
                         "from the teacher's weights read as v)")
     d.add_argument("--snr-floor", type=float, default=None,
                    help="loss weight max(SNR_t, floor) on the x0 error (default: 0.01; Salimans & Ho's truncated "
