@@ -37,6 +37,27 @@ def _enospc(*_a, **_k):
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
+_real_fsync = os.fsync
+
+
+def _fsync_fails_at_call(monkeypatch, module, name: str, k: int) -> list[int]:
+    """Wrap the writer ``module.name``: its k-th call meets an fsync failing with ENOSPC (as on a
+    full disk), the others a working one. Returns the call counter ([n])."""
+    real, calls = getattr(module, name), [0]
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == k:
+            monkeypatch.setattr(os, "fsync", _enospc)
+        try:
+            return real(*args, **kwargs)
+        finally:
+            monkeypatch.setattr(os, "fsync", _real_fsync)
+
+    monkeypatch.setattr(module, name, failing)
+    return calls
+
+
 @pytest.fixture
 def small_fs(tmp_path):
     """``mount(size)`` mounts a tmpfs of ``size`` bytes on a fresh folder and returns it;
@@ -130,18 +151,7 @@ def test_fsync_enospc_at_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypat
     import ddpm.checkpoint as ck
 
     cfg = apply_overrides(get_preset("digits"), TINY)
-    real, calls = ck.atomic_write_bytes, [0]
-
-    def failing(path, data):
-        calls[0] += 1
-        if calls[0] == 2:
-            monkeypatch.setattr(os, "fsync", _enospc)
-        try:
-            real(path, data)
-        finally:
-            monkeypatch.setattr(os, "fsync", _real_fsync)
-
-    monkeypatch.setattr(ck, "atomic_write_bytes", failing)
+    calls = _fsync_fails_at_call(monkeypatch, ck, "atomic_write_bytes", 2)
     run = tmp_path / "run"
     with pytest.raises(CheckpointError, match="No space left on device"):
         _train(cfg, run)
@@ -153,9 +163,6 @@ def test_fsync_enospc_at_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypat
     ref, _ = _train(cfg, tmp_path / "ref")
     a, b = load_checkpoint(res["checkpoint"])[0], load_checkpoint(ref["checkpoint"])[0]
     assert all(torch.equal(a[k], b[k]) for k in a)
-
-
-_real_fsync = os.fsync
 
 
 def test_metrics_line_on_a_full_disk_is_not_torn(tmp_path, monkeypatch):
@@ -249,18 +256,7 @@ def test_sample_enospc_at_the_kth_chunk_resumes_bit_exactly(ckpt, tmp_path, monk
     ref = tmp_path / "ref.npz"
     assert main(_sample_argv(ckpt, ref)) == 0
     out = tmp_path / "s.npz"
-    real, calls = chunks.write_chunk, [0]
-
-    def failing(path, arrays):
-        calls[0] += 1
-        if calls[0] == 3:
-            monkeypatch.setattr(os, "fsync", _enospc)
-        try:
-            real(path, arrays)
-        finally:
-            monkeypatch.setattr(os, "fsync", _real_fsync)
-
-    monkeypatch.setattr(chunks, "write_chunk", failing)
+    _fsync_fails_at_call(monkeypatch, chunks, "write_chunk", 3)
     capsys.readouterr()
     assert main(_sample_argv(ckpt, out)) == 2
     err = capsys.readouterr().err

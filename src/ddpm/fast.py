@@ -35,7 +35,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from . import autotune, netpath
+from . import netpath
 
 __all__ = ["channels_last", "lowp_weights", "FastModel", "wants_channels_last", "to_channels_last",
            "cpu_has_fast_bf16"]
@@ -91,21 +91,14 @@ def wants_channels_last(model: Callable, device: torch.device | str, image_hw: t
     CPU for images of at least 32x32 pixels (unknown counts as large). Plain callables are left
     alone."""
     device = torch.device(device)
-    if not isinstance(model, nn.Module) or device.type not in ("cpu", "cuda"):
-        return False
-    if not any(p.dim() == 4 for p in model.parameters()):
-        return False
-    if device.type == "cpu" and image_hw is not None:
+    if device.type == "cpu" and image_hw is not None and isinstance(model, nn.Module):
         c_in = netpath.input_channels(model)
-        if autotune.enabled() and c_in is not None:
+        if c_in is not None:  # (decide falls back to the static rule itself when it does not time)
             h, w = int(image_hw[0]), int(image_hw[1])
             # the layout alone (a bare FastModel routes no convolution through Winograd)
             return netpath.decide(model, device, (netpath.probe_batch(h, w), c_in, h, w), compile=compile,
                                   winograd=False).channels_last
-        return int(image_hw[0]) * int(image_hw[1]) >= netpath.CPU_CHANNELS_LAST_MIN_PIXELS
-    if device.type == "cuda":
-        return bool(compile)
-    return True
+    return netpath.static_channels_last(model, device, image_hw, compile)
 
 
 def to_channels_last(x: torch.Tensor) -> torch.Tensor:

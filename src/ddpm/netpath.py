@@ -39,7 +39,7 @@ from torch import nn
 
 from . import autotune
 
-__all__ = ["NetPath", "decide", "for_training", "input_channels", "probe_batch", "PROBE_MAX_PIXELS", "MIN_ROUNDS",
+__all__ = ["NetPath", "decide", "for_training", "input_channels", "probe_batch", "static_channels_last", "PROBE_MAX_PIXELS", "MIN_ROUNDS",
            "MARGIN", "BUDGET_S"]
 
 log = logging.getLogger(__name__)
@@ -122,17 +122,25 @@ def probe_batch(h: int, w: int) -> int:
     return max(1, min(PROBE_DEFAULT_MAX_BATCH, PROBE_DEFAULT_PIXELS // max(1, int(h) * int(w))))
 
 
+def static_channels_last(model, device, hw=None, compile: bool = False, train: bool = False) -> bool:
+    """The layout without timing: NHWC for a convolutional ``nn.Module`` on the CPU when sampling
+    images of at least :data:`CPU_CHANNELS_LAST_MIN_PIXELS` pixels (``hw`` = (H, W); unknown
+    counts as large), never when training there; on CUDA only under ``compile``
+    (:func:`ddpm.fast.wants_channels_last` says why); elsewhere never."""
+    device = torch.device(device)
+    convnet = isinstance(model, nn.Module) and any(p.dim() == 4 for p in model.parameters())
+    if device.type == "cpu" and train:
+        return False  # the plain layout: NHWC's training gain was within noise everywhere measured
+    if device.type == "cpu":
+        pixels = None if hw is None else int(hw[0]) * int(hw[1])
+        return convnet and (pixels is None or pixels >= CPU_CHANNELS_LAST_MIN_PIXELS)
+    return convnet and device.type == "cuda" and bool(compile)
+
+
 def _static(model, device: torch.device, hw, compile: bool, channels_last, winograd, amp,
             train: bool = False) -> NetPath:
     if channels_last is None:
-        convnet = isinstance(model, nn.Module) and any(p.dim() == 4 for p in model.parameters())
-        if device.type == "cpu" and train:
-            channels_last = False  # the plain layout: NHWC's training gain was within noise everywhere measured
-        elif device.type == "cpu":
-            pixels = None if hw is None else int(hw[0]) * int(hw[1])
-            channels_last = convnet and (pixels is None or pixels >= CPU_CHANNELS_LAST_MIN_PIXELS)
-        else:  # CUDA: NHWC only under compile (ddpm.fast.wants_channels_last says why)
-            channels_last = convnet and device.type == "cuda" and bool(compile)
+        channels_last = static_channels_last(model, device, hw, compile, train)
     if winograd is None:
         winograd = device.type == "cpu" and not compile and amp is None
     return NetPath(bool(channels_last), bool(winograd), "static")
