@@ -222,17 +222,71 @@ def test_student_sampler_is_the_package_ddim_on_its_kept_steps():
     model = UNet.from_config(cfg.model, cfg.out_channels).eval()
     kept = (3, 7, 11, 15)
     ours = sample_student(model, d, kept, (1, 8, 8), range(5), batch_size=3)
-    chain = ChainT(d, kept, torch.device("cpu"))
-    noise = ImageNoise(list(range(5)), (1, 8, 8), torch.device("cpu"), torch.float32)
-    with torch.no_grad():
-        ref = get("ddim")(chain).run(Denoiser(model, chain, 5), noise.next(), noise)
-    assert torch.allclose(ours, ref, atol=1e-5)
+    for eta in (0.0, 0.6):  # eta > 0: the same noise stream (one draw per step) and Eq. 16's variance
+        ours = sample_student(model, d, kept, (1, 8, 8), range(5), batch_size=3, eta=eta)
+        chain = ChainT(d, kept, torch.device("cpu"), eta=eta)
+        noise = ImageNoise(list(range(5)), (1, 8, 8), torch.device("cpu"), torch.float32)
+        with torch.no_grad():
+            ref = get("ddim")(chain).run(Denoiser(model, chain, 5), noise.next(), noise)
+        assert torch.allclose(ours, ref, atol=1e-5), eta
     one = sample_student(model, d, (15,), (1, 8, 8), range(2))  # a 1-step student: x0 of its one call
     z = ImageNoise([0, 1], (1, 8, 8), torch.device("cpu"), torch.float32).next()
     with torch.no_grad():
         v = model(z, torch.full((2,), 15))
     a, s = float(d.alphas_cumprod[15]) ** 0.5, float(1 - d.alphas_cumprod[15]) ** 0.5
     assert torch.allclose(one, (a * z - s * v).clamp(-1, 1), atol=1e-6)
+
+
+def _stochastic_walk_by_hand(model, d: GaussianDiffusion, kept, seeds) -> torch.Tensor:
+    """Meng et al. 2023's stochastic walk written out per image in double precision: from kept
+    position i >= 2, x0 = clamp(alpha z - sigma v), a DDIM step to position i - 2 (eps re-derived
+    from x0), then z <- sqrt(abar_{i-1} / abar_{i-2}) z + sqrt(1 - abar_{i-1} / abar_{i-2}) n with the
+    image's next noise draw; plain DDIM steps from positions 1 and 0."""
+    from ddpm.rng import ImageNoise
+
+    outs = []
+    for seed in seeds:
+        noise = ImageNoise([seed], (1, 8, 8), torch.device("cpu"), torch.float32)
+        z = noise.next().double()
+        ab = lambda i: _abar(d, kept[i] if i >= 0 else -1)  # noqa: E731
+        for i in range(len(kept) - 1, -1, -1):
+            with torch.no_grad():
+                v = model(z.float(), torch.full((1,), kept[i], dtype=torch.int64)).double()
+            a, s = ab(i) ** 0.5, (1 - ab(i)) ** 0.5
+            x0 = (a * z - s * v).clamp(-1, 1)
+            eps = (z - a * x0) / s
+            to = i - 2 if i >= 2 else i - 1
+            z = ab(to) ** 0.5 * x0 + (1 - ab(to)) ** 0.5 * eps
+            if i >= 2:
+                r = ab(i - 1) / ab(i - 2)
+                z = r ** 0.5 * z + (1 - r) ** 0.5 * noise.next().double()
+        outs.append(z)
+    return torch.cat(outs).float()
+
+
+def test_stochastic_student_walk_steps_twice_as_far_and_noises_back():
+    from ddpm.distill import sample_student
+
+    cfg = tiny_cfg(mean_type="v")
+    d = GaussianDiffusion.from_config(cfg.diffusion)
+    torch.manual_seed(1)
+    model = UNet.from_config(cfg.model, cfg.out_channels).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    kept = (3, 7, 11, 15)
+    ours = sample_student(model, d, kept, (1, 8, 8), range(4), batch_size=3, stochastic=True)
+    assert torch.allclose(ours, _stochastic_walk_by_hand(model, d, kept, range(4)), atol=1e-5)
+    # the same images one at a time, and not the deterministic walk
+    alone = sample_student(model, d, kept, (1, 8, 8), [2], stochastic=True)
+    assert torch.allclose(alone[0], ours[2], atol=1e-5)  # its own noise stream; only the batch's roundoff differs
+    assert not torch.allclose(ours, sample_student(model, d, kept, (1, 8, 8), range(4)), atol=1e-3)
+    # with two steps there is no step to double: the deterministic walk exactly
+    two = (7, 15)
+    assert torch.equal(sample_student(model, d, two, (1, 8, 8), range(3), stochastic=True),
+                       sample_student(model, d, two, (1, 8, 8), range(3)))
+    with pytest.raises(ValueError, match="eta applies to the DDIM walk"):
+        sample_student(model, d, kept, (1, 8, 8), range(2), stochastic=True, eta=0.5)
 
 
 def test_choose_student_picks_the_step_count_and_names_the_ones_there_are(tmp_path):
@@ -320,10 +374,19 @@ def test_sample_command_picks_the_requested_student(tmp_path, capsys, monkeypatc
     rc, out, _ = _cli(["sample", "--ckpt", tmp_path / "run", "--steps", "4", "--n", "3", "--out", tmp_path / "s.npz",
                        "--no-progress"], capsys)
     assert rc == 0 and "4-step student" in out and "[3, 7, 11, 15]" in out
+    assert "stochastic" in out  # the default walk of a student (Meng et al.)
     student = tmp_path / "run" / "students" / "steps_0004.safetensors"
     model, d, _, _ = load(student, device="cpu")
-    want = to_uint8(sample_student(model, d, (3, 7, 11, 15), (1, 8, 8), range(3)))
+    want = to_uint8(sample_student(model, d, (3, 7, 11, 15), (1, 8, 8), range(3), stochastic=True))
     assert np.array_equal(np.load(tmp_path / "s.npz")["arr_0"], want)
+    for extra, kw in ((["--sampler", "ddim"], {}), (["--sampler", "ddim", "--eta", "0.5"], {"eta": 0.5})):
+        rc, out, _ = _cli(["sample", "--ckpt", tmp_path / "run", "--steps", "4", "--n", "3", "--out",
+                           tmp_path / "d.npz", "--no-progress", "--overwrite", *extra], capsys)
+        assert rc == 0 and "DDIM" in out
+        want = to_uint8(sample_student(model, d, (3, 7, 11, 15), (1, 8, 8), range(3), **kw))
+        assert np.array_equal(np.load(tmp_path / "d.npz")["arr_0"], want)
+    rc, _, err = _cli(["sample", "--ckpt", tmp_path / "run", "--eta", "0.5", "--out", tmp_path / "e.npz"], capsys)
+    assert rc == 2 and "--eta 0.5: applies to --sampler ddim" in err and not (tmp_path / "e.npz").exists()
     rc, out, _ = _cli(["sample", "--ckpt", tmp_path / "run", "--n", "2", "--out", tmp_path / "t.npz", "--no-progress"],
                       capsys)
     assert rc == 0 and "2-step student" in out  # default: the last (fewest steps) student
@@ -352,6 +415,18 @@ def test_eval_steps_rows_for_the_students_use_the_run_teacher_and_the_same_seeds
     model, d, _, _ = load(tmp_path / "run" / "students" / "steps_0002.safetensors", device="cpu")
     assert np.array_equal(seen[0], to_uint8(sample_student(model, d, (7, 15), (1, 8, 8), range(5, 8))))
     assert "distilled student (DDIM)" in format_table(rows)
+    # with 4 steps: the DDIM walk (at the command's eta) and the stochastic walk, same seeds
+    seen.clear()
+    rows = student_rows(tmp_path / "run", quality, n=3, seed=5, max_nfe=4, eta=0.3)
+    assert [(r["sampler"], r["nfe"], r["eta"]) for r in rows] == [
+        ("distilled", 2, 0.3), ("distilled", 4, 0.3), ("distilled-stochastic", 4, 0.0)]
+    model4, d4, _, _ = load(tmp_path / "run" / "students" / "steps_0004.safetensors", device="cpu")
+    assert np.array_equal(seen[1], to_uint8(sample_student(model4, d4, (3, 7, 11, 15), (1, 8, 8), range(5, 8),
+                                                           eta=0.3)))
+    assert np.array_equal(seen[2], to_uint8(sample_student(model4, d4, (3, 7, 11, 15), (1, 8, 8), range(5, 8),
+                                                           stochastic=True)))
+    table = format_table(rows)
+    assert "distilled student (DDIM eta 0.3)" in table and "distilled student (stochastic)" in table
     assert student_rows(teacher, quality, n=3) == []
 
 

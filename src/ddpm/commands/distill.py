@@ -78,8 +78,10 @@ def run(args: argparse.Namespace) -> None:
 
 
 def sample_distilled(args: argparse.Namespace) -> bool:
-    """``ddpm sample`` on a distillation run folder or student file: DDIM on the student's kept
-    indices (its step count: the last student, or ``--steps``). False for any other checkpoint."""
+    """``ddpm sample`` on a distillation run folder or student file, on the student's kept indices
+    (its step count: the last student, or ``--steps``): ``--sampler ancestral`` (the default) is the
+    stochastic walk of Meng et al. 2023, ``--sampler ddim`` Salimans & Ho's deterministic DDIM (with
+    ``--eta``; what a diffusers export samples). False for any other checkpoint."""
     from ..distill import choose_student
 
     choice = choose_student(args.ckpt, args.steps)
@@ -89,9 +91,14 @@ def sample_distilled(args: argparse.Namespace) -> bool:
     for flag in ("progressive", "chains", "interpolate"):
         if getattr(args, flag, False):
             raise UserError(f"--{flag} is not available for a distilled student ({path}); sample its teacher")
-    if getattr(args, "sampler", "ddim") not in ("ddim", "ancestral") or getattr(args, "var", "model") != "model":
-        raise UserError(f"--sampler/--var: a distilled student samples with deterministic DDIM on its {len(kept)} "
-                        f"kept steps only ({path})")
+    sampler = getattr(args, "sampler", "ancestral")
+    if sampler not in ("ddim", "ancestral") or getattr(args, "var", "model") != "model":
+        raise UserError(f"--sampler/--var: a distilled student samples on its {len(kept)} kept steps with "
+                        f"--sampler ancestral (stochastic, the default) or ddim (deterministic) only ({path})")
+    eta = float(getattr(args, "eta", 0.0) or 0.0)
+    if sampler == "ancestral" and eta != 0:
+        raise UserError(f"--eta {eta:g}: applies to --sampler ddim; a student's default walk (ancestral) is "
+                        f"stochastic already ({path})")
     from ..api import load
     from ..atomic import atomic_write_npz
     from ..cliutil import amp_dtype, check_suffix, device
@@ -109,9 +116,11 @@ def sample_distilled(args: argparse.Namespace) -> bool:
     shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
     x = sample_student(model, diffusion, kept, shape, seeds, batch_size=args.batch_size, device=dev,
                        model_kwargs=model_kwargs, guidance=guidance, clip=getattr(args, "clip", "on") == "on",
-                       amp_dtype=amp_dtype(args.precision), progress=not args.no_progress)
+                       amp_dtype=amp_dtype(args.precision), eta=eta, stochastic=sampler == "ancestral",
+                       progress=not args.no_progress)
     images = to_uint8(x)
-    what = f"{len(kept)}-step student {path} (kept steps {list(kept)})"
+    walk = "stochastic" if sampler == "ancestral" else ("DDIM" + (f" eta {eta:g}" if eta else ""))
+    what = f"{len(kept)}-step student {path} (kept steps {list(kept)}, {walk})"
     if labels is None:
         atomic_write_npz(out, arr_0=images)
         save_grid(images[:64], grid, scale=grid_scale(cfg.model.resolution))

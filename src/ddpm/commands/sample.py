@@ -18,7 +18,10 @@ HELP = "draw samples from a checkpoint"
 def add_parser(sub) -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help=HELP, formatter_class=Formatter,
                        description="Sample with Algorithm 2 (ancestral), DDIM or another registered sampler. Writes uint8 NHWC arrays "
-                                   "under key arr_0 (the ADM evaluator's convention) and a PNG grid.")
+                                   "under key arr_0 (the ADM evaluator's convention) and a PNG grid. A distillation run (ddpm "
+                                   "distill) samples its student on the student's own kept steps: --sampler ancestral "
+                                   "(the default) is the stochastic walk of Meng et al. 2023, --sampler ddim the "
+                                   "deterministic DDIM walk (with --eta).")
     add_model_args(s)
     s.add_argument("--n", type=POS, default=64, help="number of images")
     from .. import samplers  # the registry: one entry per sampler module (imports torch)
@@ -79,7 +82,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     from .distill import sample_distilled
 
-    if sample_distilled(args):  # a distillation run or student file: DDIM on the student's kept steps
+    if sample_distilled(args):  # a distillation run or student file: its kept steps (stochastic or DDIM)
         return
     from ..api import load
     from ..images import grid_scale, save_grid

@@ -1,6 +1,9 @@
-"""A distillation run's students beside the solvers in ``ddpm eval steps``: one row per student
-(sampler ``distilled``, NFE = its kept steps), scored on the same seeds as the solver rows, which
-``ddpm eval steps --ckpt RUN`` runs on the run's teacher (``RUN/teacher.safetensors``)."""
+"""A distillation run's students beside the solvers in ``ddpm eval steps``: per student (NFE = its
+kept steps) a row of its deterministic DDIM walk (sampler ``distilled``, at the command's
+``--eta``) and, with 4 or more steps, one of the stochastic walk of Meng et al. 2023 (sampler
+``distilled-stochastic``; with fewer steps it is the deterministic walk), scored on the same seeds
+as the solver rows, which ``ddpm eval steps --ckpt RUN`` runs on the run's teacher
+(``RUN/teacher.safetensors``)."""
 
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ def teacher_path(ckpt: str | Path) -> str | Path:
 
 def student_rows(run: str | Path, quality: Callable[[np.ndarray], tuple], *, n: int, seed: int = 0,
                  batch_size: int = 250, device="cpu", max_nfe: int | None = None, amp_dtype=None,
-                 clip: bool = True) -> list[dict[str, Any]]:
+                 clip: bool = True, eta: float = 0.0) -> list[dict[str, Any]]:
     """Rows (the columns of :data:`ddpm.evaluate.steps.COLUMNS`) for every student of ``run`` with
     at most ``max_nfe`` steps; image k uses seed ``seed + k``, as in the solver rows."""
     from ..api import load
@@ -37,13 +40,15 @@ def student_rows(run: str | Path, quality: Callable[[np.ndarray], tuple], *, n: 
         model, diffusion, cfg, _ = load(path, device=device)
         kept = kept_of(read_meta(path), path)
         shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
-        t0 = time.perf_counter()
-        x = sample_student(model, diffusion, kept, shape, range(seed, seed + n), batch_size=batch_size, device=device,
-                           amp_dtype=amp_dtype, clip=clip)
-        secs = time.perf_counter() - t0
-        score, metric, *extra = quality(to_uint8(x))
-        rows.append({"sampler": "distilled", "full": False, "spacing": "kept", "spacing_used": "kept",
-                     "clip": clip, "var": "model",
-                     "nfe": k, "steps": k, "quality": float(score), "metric": metric,
-                     "seconds_per_image": secs / n, "n": int(n), **(extra[0] if extra else {})})
+        walks = [("distilled", {"eta": float(eta)})] + ([("distilled-stochastic", {"stochastic": True})] if k >= 4 else [])
+        for name, how in walks:
+            t0 = time.perf_counter()
+            x = sample_student(model, diffusion, kept, shape, range(seed, seed + n), batch_size=batch_size,
+                               device=device, amp_dtype=amp_dtype, clip=clip, **how)
+            secs = time.perf_counter() - t0
+            score, metric, *extra = quality(to_uint8(x))
+            rows.append({"sampler": name, "full": False, "spacing": "kept", "spacing_used": "kept",
+                         "clip": clip, "var": "model", "eta": float(how.get("eta", 0.0)),
+                         "nfe": k, "steps": k, "quality": float(score), "metric": metric,
+                         "seconds_per_image": secs / n, "n": int(n), **(extra[0] if extra else {})})
     return rows

@@ -108,7 +108,10 @@ def _label(row: Mapping[str, Any]) -> str:
     if row["full"]:
         return f"ancestral, full {row['nfe']}-step chain"
     if row["sampler"] == "distilled":
-        return "distilled student (DDIM)"
+        eta = row.get("eta") or 0
+        return "distilled student (DDIM" + (f" eta {eta:g})" if eta else ")")
+    if row["sampler"] == "distilled-stochastic":
+        return "distilled student (stochastic)"
     extra = [row["spacing"], "clip" if row["clip"] else "no clip"]
     if row["var"] == "analytic":
         extra.append("analytic var")
@@ -238,7 +241,7 @@ def command(args) -> None:
                      gamma=gamma, full_chain=args.full, amp_dtype=_amp(args.precision),
                      progress=not args.no_progress)
     rows += student_rows(args.ckpt, quality, n=args.n, seed=args.seed, batch_size=args.batch_size, device=dev,
-                         max_nfe=max(nfes), amp_dtype=_amp(args.precision))
+                         max_nfe=max(nfes), amp_dtype=_amp(args.precision), eta=args.eta)
     meta_out = {"ckpt": str(args.ckpt), "step": meta.get("step"), "n": args.n, "seed": args.seed, "eta": args.eta}
     paths = save_steps(rows, out, meta_out)
     print(format_table(rows))
