@@ -115,7 +115,8 @@ def test_minutes_too_short_is_a_config_error():
 def test_plan_counts_the_grids():
     from ddpm.plan import StepMeasure, step_lines
 
-    cfg = config_for(32, 1, "tiny", "folder")  # 1000 steps, grids at 250, 500, 750, 1000
+    cfg = config_for(32, 1, "tiny", "folder")
+    cfg = replace(cfg, train=replace(cfg.train, total_steps=1000, sample_every=250, ema_decay=0.995))  # grids at 250..1000
     m = StepMeasure(seconds=0.05, params=1, state_bytes=20, activation_bytes=0, measured_batch=4, micro_batch=32)
     lines = step_lines(cfg, m, "cpu", grid_call_seconds=0.1)
     # 0.995^250 = 29% and 0.995^500 = 8%: the first grid draws twice; 5 x 20 calls x 0.1 s = 10 s

@@ -73,8 +73,10 @@ def test_mixed_folder_says_what_it_did(tmp_path, capsys):
     assert cfg["model"]["in_channels"] == 3 and cfg["model"]["resolution"] == 16
     assert "modes L (3), RGB (2)" in out and "native 24x18 (3), 20x20 (2)" in out
     for needle in ("centre-crop to a square", "area-resize to 16x16", "repeat 3 grey images into RGB",
-                   "3 channels because some images are in colour", "random left-right flips"):
+                   "3 channels because some images are in colour", "no flips"):  # tiny (the CPU default) trains without flips
         assert needle in out, needle
+    rc, out, err = run(["train", "--data", str(src), "--size", "small", "--dry-run"], capsys)
+    assert rc == 0 and "random left-right flips" in out  # the long-run sizes keep the paper's flips
 
 
 def test_explicit_preset_on_other_data_prints_one_notice(tmp_path, capsys):
