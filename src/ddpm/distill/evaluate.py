@@ -40,7 +40,9 @@ def student_rows(run: str | Path, quality: Callable[[np.ndarray], tuple], *, n: 
         model, diffusion, cfg, _ = load(path, device=device)
         kept = kept_of(read_meta(path), path)
         shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
-        walks = [("distilled", {"eta": float(eta)})] + ([("distilled-stochastic", {"stochastic": True})] if k >= 4 else [])
+        walks = [("distilled", {"eta": float(eta)})]
+        if k >= 4:  # with fewer steps the stochastic walk is the DDIM walk (ddpm.distill.sample)
+            walks.append(("distilled-stochastic", {"stochastic": True}))
         for name, how in walks:
             t0 = time.perf_counter()
             x = sample_student(model, diffusion, kept, shape, range(seed, seed + n), batch_size=batch_size,
