@@ -41,6 +41,7 @@ import torch
 
 from ..diffusion import call_model
 from ..rng import ImageNoise
+from .target import ddim_step
 
 
 def _output(model, x, t, kwargs, guidance, amp_dtype):
@@ -63,9 +64,10 @@ def ddim_eta_step(z_t: torch.Tensor, xhat: torch.Tensor, abar_t: float, abar_s: 
     x0 prediction xhat to index s < t (abar_s = 1: x0); ``noise`` [B, C, H, W] is used when the
     step's variance is > 0. Coefficients in float64 from the abar values."""
     var = 0.0 if eta == 0 else eta ** 2 * (1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)
+    # Eq. 12 is the eta = 0 step (target.ddim_step) with sigma_s replaced by the eps direction's
+    # coefficient sqrt(1 - abar_s - var); the rest of the variance is fresh noise
     c_eps = math.sqrt(max(1 - abar_s - var, 0.0))
-    eps = (z_t - math.sqrt(abar_t) * xhat) / math.sqrt(1 - abar_t)
-    out = math.sqrt(abar_s) * xhat + c_eps * eps
+    out = ddim_step(z_t, xhat, math.sqrt(abar_t), math.sqrt(1 - abar_t), math.sqrt(abar_s), c_eps)
     return out + math.sqrt(var) * noise if var > 0 else out
 
 
