@@ -3,7 +3,7 @@ score the samples at EQUAL STEPS (the shared machine's load does not change them
 
     python benchmarks/recipes.py folder  --out DIR         # the 32x32 grey digits folder
     python benchmarks/recipes.py train   --data digits|FOLDER --arm NAME --steps N [--score-at 250,500] --out DIR
-    python benchmarks/recipes.py score   RUN_DIR [--n 500] [--steps-at 500,1000] [--json FILE]
+    python benchmarks/recipes.py score   RUN_DIR [--n 500] [--steps-at 500,1000] [--seed-sets 0,1000,2000] [--json FILE]
 
 Scorer: the digits Fréchet distance of ``ddpm eval quality`` (ddpm.evaluate.digits_quality: an
 MLP's 64-unit features, real TEST split as reference). Samples: ``--n`` images of seeds 0..n-1
@@ -97,7 +97,8 @@ def train_arm(data: str, arm: str, steps: int, score_at: list[int], out: Path, e
     return run_dir
 
 
-def score_checkpoint(ckpt: Path, n: int, batch: int = 250, sampler: str = "ancestral", steps: int | None = None) -> dict:
+def score_checkpoint(ckpt: Path, n: int, batch: int = 250, sampler: str = "ancestral", steps: int | None = None,
+                     seed: int = 0) -> dict:
     import torch
 
     from ddpm.api import load
@@ -108,12 +109,12 @@ def score_checkpoint(ckpt: Path, n: int, batch: int = 250, sampler: str = "ances
     model, diffusion, cfg, _ = load(ckpt, device="cpu")
     shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
     with torch.no_grad():
-        x = sample(diffusion, model, shape, list(range(n)), batch_size=batch, device="cpu", sampler=sampler,
+        x = sample(diffusion, model, shape, list(range(seed, seed + n)), batch_size=batch, device="cpu", sampler=sampler,
                    steps=steps)
     u8 = to_uint8(x)
     res = digits_quality(shrink_enlarged(u8))
     out = {"fd": res["fd"], "confidence": res["confidence"], "balance": res["balance"],
-           "resolution": cfg.model.resolution, "n": n}
+           "resolution": cfg.model.resolution, "n": n, "seed": seed}
     if cfg.model.resolution > 8:
         out["fd_box_shrink"] = digits_quality(shrink_box(u8))["fd"]
     return out
@@ -139,6 +140,9 @@ def main(argv=None) -> None:
     s.add_argument("--json", default=None)
     s.add_argument("--sampler", default="ancestral")
     s.add_argument("--sampler-steps", type=int, default=None, help="network calls (default: the full chain)")
+    s.add_argument("--seed-sets", default="0",
+                   help="first seeds of the sample sets, e.g. 0,1000,2000: each set is seeds S..S+n-1, and "
+                        "with more than one the mean and standard deviation follow (the measure's spread)")
     s.add_argument("--real-folder", default=None, help="also score this folder's images shrunk to 8x8")
     args = p.parse_args(argv)
     if args.cmd == "folder":
@@ -153,6 +157,7 @@ def main(argv=None) -> None:
 
     run = Path(args.run)
     want = {int(x) for x in args.steps_at.split(",") if x.strip()}
+    seed_sets = [int(x) for x in args.seed_sets.split(",") if x.strip()]
     rows = []
     for ck in list_checkpoints(run / "checkpoints"):
         step = step_of(ck)
@@ -162,9 +167,15 @@ def main(argv=None) -> None:
         row = {"run": str(run), "step": step, **{k: cfg.get(k) for k in ("loss_weighting", "lr_schedule",
                                                                           "ema_warmup", "batch_size", "lr",
                                                                           "total_steps")}}
-        row.update(score_checkpoint(ck, args.n, sampler=args.sampler, steps=args.sampler_steps))
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        fds = []
+        for seed in seed_sets:
+            rows.append({**row, **score_checkpoint(ck, args.n, sampler=args.sampler, steps=args.sampler_steps,
+                                                   seed=seed)})
+            fds.append(rows[-1]["fd"])
+            print(json.dumps(rows[-1]), flush=True)
+        if len(fds) > 1:
+            print(f"{ck.name}: FD mean {np.mean(fds):.3f}, sd {np.std(fds, ddof=1):.3f} over {len(fds)} seed sets",
+                  flush=True)
     if args.real_folder:
         from ddpm.data import load_images
         from ddpm.evaluate.digits_quality import digits_quality, shrink_enlarged
