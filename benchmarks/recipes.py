@@ -7,7 +7,7 @@ score the samples at EQUAL STEPS (the shared machine's load does not change them
 
 Scorer: the digits Fréchet distance of ``ddpm eval quality`` (ddpm.evaluate.digits_quality: an
 MLP's 64-unit features, real TEST split as reference). Samples: ``--n`` images of seeds 0..n-1
-with the full ancestral chain (what ``ddpm eval quality --ckpt`` draws), from the EMA weights.
+(or S..S+n-1 for each S of ``--seed-sets``) with the full ancestral chain (what ``ddpm eval quality --ckpt`` draws), from the EMA weights.
 A model of the 32x32 folder is scored by shrinking its samples back to 8x8 with the least-squares
 inverse of the enlargement (``ddpm.evaluate.digits_quality.shrink_enlarged``: the folder's real
 images come back within one grey level and score ~2.1, as the 8x8 ones); a 4x4 block mean is
@@ -109,8 +109,8 @@ def score_checkpoint(ckpt: Path, n: int, batch: int = 250, sampler: str = "ances
     model, diffusion, cfg, _ = load(ckpt, device="cpu")
     shape = (cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
     with torch.no_grad():
-        x = sample(diffusion, model, shape, list(range(seed, seed + n)), batch_size=batch, device="cpu", sampler=sampler,
-                   steps=steps)
+        x = sample(diffusion, model, shape, list(range(seed, seed + n)), batch_size=batch, device="cpu",
+                   sampler=sampler, steps=steps)
     u8 = to_uint8(x)
     res = digits_quality(shrink_enlarged(u8))
     out = {"fd": res["fd"], "confidence": res["confidence"], "balance": res["balance"],
