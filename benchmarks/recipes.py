@@ -7,7 +7,8 @@ score the samples at EQUAL STEPS (the shared machine's load does not change them
 
 Scorer: the digits Fréchet distance of ``ddpm eval quality`` (ddpm.evaluate.digits_quality: an
 MLP's 64-unit features, real TEST split as reference). Samples: ``--n`` images of seeds 0..n-1
-(or S..S+n-1 for each S of ``--seed-sets``) with the full ancestral chain (what ``ddpm eval quality --ckpt`` draws), from the EMA weights.
+(or S..S+n-1 for each S of ``--seed-sets``) with the full ancestral chain (what ``ddpm eval
+quality --ckpt`` draws), from the EMA weights.
 A model of the 32x32 folder is scored by shrinking its samples back to 8x8 with the least-squares
 inverse of the enlargement (``ddpm.evaluate.digits_quality.shrink_enlarged``: the folder's real
 images come back within one grey level and score ~2.1, as the 8x8 ones); a 4x4 block mean is
