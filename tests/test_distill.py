@@ -128,10 +128,12 @@ def test_bad_step_counts_are_one_line_config_errors(steps, start, msg):
         grid.check_steps(steps, start, 16)
 
 
-def test_default_start_is_32_or_the_largest_power_of_two():
-    assert grid.default_start(200) == 32 and grid.default_start(1000) == 32 and grid.default_start(20) == 16
+def test_default_start_is_16_or_the_largest_power_of_two():
+    assert grid.default_start(200) == 16 and grid.default_start(1000) == 16 and grid.default_start(16) == 16
+    assert grid.default_start(12) == 8 and grid.default_start(1) == 1
     s = default_settings(tiny_cfg(T=16))
-    assert s.start == 16 and s.steps == 4 and s.v_warmup == 2 * s.phase_steps // 3
+    assert s.start == 16 and s.steps == 4 and s.phase_steps == 3600 and s.v_warmup == 1600
+    assert default_settings(tiny_cfg(T=16), phase_steps=900).v_warmup == 400   # 4/9 of a phase
     ph = phases(s, 16)
     assert [p.describe() for p in ph] == ["16 -> 16 (v warm-up)", "16 -> 8", "8 -> 4"]
 

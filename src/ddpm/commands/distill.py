@@ -30,7 +30,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, metavar="RUN", help="distillation run folder (created, or continued)")
     d.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"the last student's DDIM steps, a power of two (default: {DEFAULT_STEPS})")
     d.add_argument("--start", type=int, default=None,
-                   help="the first teacher chain's DDIM steps, a power of two <= T (default: min(32, largest "
+                   help="the first teacher chain's DDIM steps, a power of two <= T (default: min(16, largest "
                         "power of two <= T))")
     d.add_argument("--phase-steps", type=int, default=DEFAULT_PHASE_STEPS, help=f"optimiser steps per halving phase (default: {DEFAULT_PHASE_STEPS})")
     d.add_argument("--lr", type=float, default=None, help="peak learning rate of each phase, linear decay to 0 "
@@ -41,7 +41,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="student EMA decay (default: min(teacher's, 1 - 10/phase-steps))")
     d.add_argument("--v-warmup", type=int, default=None,
                    help="optimiser steps of a 1:1 phase distilling the teacher into the v parameterisation before "
-                        "the first halving (default: two thirds of --phase-steps; 0: none, the first halving then starts "
+                        "the first halving (default: 4/9 of --phase-steps, 1,600 at the default; 0: none, the first halving then starts "
                         "from the teacher's weights read as v)")
     d.add_argument("--snr-floor", type=float, default=None,
                    help="loss weight max(SNR_t, floor) on the x0 error (default: 0.01; Salimans & Ho's truncated "

@@ -3,21 +3,23 @@
 Defaults (chosen by measurement on the digits model that ``make demo`` trains; README "Four
 network calls: progressive distillation"):
 
-- ``start``: 32 DDIM steps (:func:`ddpm.distill.grid.default_start`), ``steps``: 4.
-- ``phase_steps``: 2,400 optimiser steps per halving phase, ``batch_size``: half the teacher's
+- ``start``: 16 DDIM steps (:func:`ddpm.distill.grid.default_start`), ``steps``: 4.
+- ``phase_steps``: 3,600 optimiser steps per halving phase, ``batch_size``: half the teacher's
   (64 for digits). Phase length is what decides quality here: on the digits model the 32-step
   student of the v warm-up scores Frechet distance 11.3 after 100 optimiser steps and 4.4 after
-  400 (its teacher's 32-step DDIM 3.1), and 2.9 after 1,600. With 800-step phases (the first
-  default) the 4-step student scored 6.73, with 2,400-step phases 4.02 (the teacher's 200-step
-  chain 2.05); the whole distillation to 4 steps, 8,800 optimiser steps, took 1,172 s (19.5 min)
-  on the quiet 2-core Xeon (800-step phases: 2,800 steps, 403 s), inside the 30 minutes a
-  distillation may take there. ``--steps 1`` adds two more phases (~11 min).
+  400 (its teacher's 32-step DDIM 3.1), and 2.9 after 1,600. To 4 steps (DDIM walk, seeds
+  0..499): 800-step phases from 32 steps (the first default) 6.73, 2,400-step phases from 32
+  steps 4.02, 3,600-step phases from 16 steps 3.35 (3.69 against 4.28 averaged over three seed
+  sets; the stochastic walk 3.08 against 3.41), the last two with the same 8,800 optimiser steps.
+  Those 8,800 steps took 1,172 s (19.5 min) on the quiet 2-core Xeon (800-step phases: 2,800
+  steps, 403 s), inside the 30 minutes a distillation may take there; a step costs the same
+  whatever the phase. ``--steps 1`` adds two more phases (7,200 steps, ~16 min).
 - ``lr``: half the teacher's train.lr, warm-up 5 % of a phase, then linear decay to 0
   (Salimans & Ho, ICLR 2022, section 5: each phase's LR decays linearly to 0).
 - ``ema_decay``: min(teacher's train.ema_decay, 1 - 10 / phase_steps): an average over about a
   tenth of a phase (Salimans & Ho use a short EMA or none), so each phase's result is its
   own last weights, lightly averaged.
-- ``v_warmup``: two thirds of a phase of 1:1 distillation (same grid, target = the teacher's
+- ``v_warmup``: 4/9 of a phase (1,600 optimiser steps at the default 3,600) of 1:1 distillation (same grid, target = the teacher's
   clipped x0) before the first halving. An eps teacher's clipped x0 at the top of the chain (alpha ~ 0.0055
   at t = T-1 on digits) is saturated noise (mean |x0| 0.93 at t = 199), so the first halving's
   targets there cannot be fitted (loss 0.72 at t = 199 against 0.02 at t = 105 after a 300-step
@@ -44,7 +46,7 @@ from .grid import check_steps, default_start, grids
 from .phase import Phase
 
 DEFAULT_STEPS = 4
-DEFAULT_PHASE_STEPS = 2400
+DEFAULT_PHASE_STEPS = 3600
 # settings that may differ when a run folder is continued: more phases only append
 RESUMABLE = frozenset({"steps", "save_every", "log_every"})
 
@@ -92,7 +94,7 @@ def default_settings(teacher_cfg: Config, **overrides) -> DistillSettings:
     """The defaults of the module doc for this teacher, with ``overrides`` (None = default)."""
     tc = teacher_cfg.train
     L = overrides.get("phase_steps") or DEFAULT_PHASE_STEPS
-    base = DistillSettings(start=default_start(teacher_cfg.diffusion.num_timesteps), phase_steps=L, v_warmup=2 * L // 3,
+    base = DistillSettings(start=default_start(teacher_cfg.diffusion.num_timesteps), phase_steps=L, v_warmup=4 * L // 9,
                            lr=tc.lr / 2, batch_size=max(1, tc.batch_size // 2), ema_decay=min(tc.ema_decay, max(0.0, 1 - 10 / L)))
     given = {k: v for k, v in overrides.items() if v is not None}
     return replace(base, **given).check(teacher_cfg.diffusion.num_timesteps)
