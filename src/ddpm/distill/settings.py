@@ -11,7 +11,7 @@ network calls: progressive distillation"):
   0..499): 800-step phases from 32 steps (the first default) 6.73, 2,400-step phases from 32
   steps 4.02, 3,600-step phases from 16 steps 3.35 (3.69 against 4.28 averaged over three seed
   sets; the stochastic walk 3.08 against 3.41), the last two with the same 8,800 optimiser steps.
-  Those 8,800 steps took 1,172 s (19.5 min) on the quiet 2-core Xeon (800-step phases: 2,800
+  Those 8,800 steps took 1,185 s (19.8 min) on the quiet 2-core Xeon (800-step phases: 2,800
   steps, 403 s), inside the 30 minutes a distillation may take there; a step costs the same
   whatever the phase. ``--steps 1`` adds two more phases (7,200 steps, ~16 min).
 - ``lr``: half the teacher's train.lr, warm-up 5 % of a phase, then linear decay to 0
