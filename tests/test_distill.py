@@ -363,6 +363,29 @@ def test_distill_command_errors_are_one_line_exit_2(tmp_path, capsys, extra, msg
     assert rc == 2 and "no such checkpoint file or run folder" in err and err.count("\n") == 1
 
 
+def test_a_continued_run_keeps_its_own_settings_for_options_not_given(tmp_path, capsys, monkeypatch):
+    # a run started with settings other than today's defaults (as one started under older defaults)
+    # continues with the plain command; an option given that differs is still refused
+    import json
+
+    monkeypatch.setenv("DDPM_PLAN_WARMUP", "0")
+    teacher = make_teacher(tmp_path / "teacher.safetensors", tiny_cfg())
+    run = tmp_path / "run"
+    rc, out, _ = _cli(["distill", "--ckpt", teacher, "--out", run, "--start", "8", "--steps", "4",
+                       "--phase-steps", "1", "--v-warmup", "1", "--batch-size", "4", "--seed", "3",
+                       "--no-progress"], capsys)
+    assert rc == 0 and "4-step student" in out
+    started = json.loads((run / "distill.json").read_text())["settings"]
+    rc, out, err = _cli(["distill", "--ckpt", teacher, "--out", run, "--steps", "2", "--no-progress"], capsys)
+    assert rc == 0 and "2-step student" in out, err
+    after = json.loads((run / "distill.json").read_text())["settings"]
+    assert {k: v for k, v in after.items() if k != "steps"} == {k: v for k, v in started.items() if k != "steps"}
+    from ddpm.distill import list_students
+    assert sorted(list_students(run)) == [2, 4, 8]
+    rc, _, err = _cli(["distill", "--ckpt", teacher, "--out", run, "--steps", "1", "--phase-steps", "2"], capsys)
+    assert rc == 2 and "other settings" in err and "phase_steps" in err and err.count("\n") == 1
+
+
 def test_sample_command_picks_the_requested_student(tmp_path, capsys, monkeypatch):
     from ddpm.api import load
     from ddpm.distill import sample_student

@@ -25,14 +25,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "phase's student is kept (RUN/students/steps_NNNN.safetensors): ddpm sample "
                                    "--ckpt RUN samples the last one, --steps K picks another. Interruptible "
                                    "(Ctrl-C: exit 130, checkpoint of the step in flight); running the same command "
-                                   "again continues exactly where it stopped, and a smaller --steps appends phases.")
+                                   "again continues exactly where it stopped (options not given keep the run's own settings, "
+                                   "whatever the defaults are now), and a smaller --steps appends phases.")
     d.add_argument("--ckpt", required=True, metavar="TEACHER", help="teacher: checkpoint file or run folder")
     d.add_argument("--out", required=True, metavar="RUN", help="distillation run folder (created, or continued)")
     d.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"the last student's DDIM steps, a power of two (default: {DEFAULT_STEPS})")
     d.add_argument("--start", type=int, default=None,
                    help="the first teacher chain's DDIM steps, a power of two <= T (default: min(16, largest "
                         "power of two <= T))")
-    d.add_argument("--phase-steps", type=int, default=DEFAULT_PHASE_STEPS, help=f"optimiser steps per halving phase (default: {DEFAULT_PHASE_STEPS})")
+    d.add_argument("--phase-steps", type=int, default=None,
+                   help=f"optimiser steps per halving phase (default: {DEFAULT_PHASE_STEPS})")
     d.add_argument("--lr", type=float, default=None, help="peak learning rate of each phase, linear decay to 0 "
                    "(default: half the teacher's train.lr)")
     d.add_argument("--batch-size", type=int, default=None,
@@ -46,7 +48,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     d.add_argument("--snr-floor", type=float, default=None,
                    help="loss weight max(SNR_t, floor) on the x0 error (default: 0.01; Salimans & Ho's truncated "
                         "SNR is 1, which measured worse on the digits model, see README)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the data order, noise and positions (default: 0)")
+    d.add_argument("--seed", type=int, default=None, help="seed of the data order, noise and positions (default: 0)")
     d.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: CUDA when available)")
     d.add_argument("--no-progress", action="store_true", help="no progress bar")
     return d
@@ -55,7 +57,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> None:
     from ..api import load_weights
     from ..distill import distill, is_distilled_run
-    from ..distill.files import TEACHER
+    from dataclasses import replace
+
+    from ..distill.files import TEACHER, stored_settings
     from ..distill.settings import default_settings
 
     out = Path(args.out)
@@ -64,12 +68,17 @@ def run(args: argparse.Namespace) -> None:
     src = Path(args.ckpt)
     if not src.exists():
         raise UserError(f"--ckpt {args.ckpt}: no such checkpoint file or run folder")
-    # the teacher's config gives the defaults; a continued run reads its own copy of the teacher
-    teacher_cfg = load_weights(out / TEACHER if is_distilled_run(out) else src)[2]
-    settings = default_settings(teacher_cfg, steps=args.steps, start=args.start, phase_steps=args.phase_steps,
-                                lr=args.lr, batch_size=args.batch_size, ema_decay=args.ema_decay,
-                                v_warmup=args.v_warmup, seed=args.seed,
-                                snr_floor=args.snr_floor)
+    given = dict(steps=args.steps, start=args.start, phase_steps=args.phase_steps, lr=args.lr,
+                 batch_size=args.batch_size, ema_decay=args.ema_decay, v_warmup=args.v_warmup, seed=args.seed,
+                 snr_floor=args.snr_floor)
+    if is_distilled_run(out):
+        # a continued run: what was not given is the run's own (distill.json), so a run started
+        # under other defaults continues with the same command
+        teacher_cfg = load_weights(out / TEACHER)[2]
+        settings = replace(stored_settings(out), **{k: v for k, v in given.items() if v is not None})
+        settings = settings.check(teacher_cfg.diffusion.num_timesteps)
+    else:  # the teacher's config gives the defaults
+        settings = default_settings(load_weights(src)[2], **given)
     result = distill(src, out, settings, device=args.device, progress=not args.no_progress)
     if result.get("stopped_by"):
         raise SystemExit(128 + int(result["stopped_by"]))

@@ -38,6 +38,19 @@ def is_distilled_run(path: str | Path) -> bool:
     return p.is_dir() and (p / INFO).is_file()
 
 
+def stored_settings(run: str | Path):
+    """The :class:`ddpm.distill.settings.DistillSettings` a run was started with (its distill.json)."""
+    import json
+
+    from .settings import DistillSettings
+
+    path = Path(run) / INFO
+    try:
+        return DistillSettings.from_dict(json.loads(path.read_text())["settings"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a readable distillation record ({e})") from None
+
+
 def save_student(path: Path, model: torch.nn.Module, cfg: Config, kept: tuple[int, ...], phase: int,
                  global_step: int, teacher: str) -> None:
     """A finished phase's student: ``ema/`` weights (given as ``model``), config, kept indices."""
