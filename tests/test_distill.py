@@ -384,6 +384,10 @@ def test_a_continued_run_keeps_its_own_settings_for_options_not_given(tmp_path, 
     assert sorted(list_students(run)) == [2, 4, 8]
     rc, _, err = _cli(["distill", "--ckpt", teacher, "--out", run, "--steps", "1", "--phase-steps", "2"], capsys)
     assert rc == 2 and "other settings" in err and "phase_steps" in err and err.count("\n") == 1
+    (run / "distill.json").write_text("{")  # a damaged record: one line, exit 2, the file left as it is
+    rc, _, err = _cli(["distill", "--ckpt", teacher, "--out", run, "--steps", "1"], capsys)
+    assert rc == 2 and "distill.json: not a readable distillation record" in err and err.count("\n") == 1
+    assert (run / "distill.json").read_text() == "{"
 
 
 def test_sample_command_picks_the_requested_student(tmp_path, capsys, monkeypatch):

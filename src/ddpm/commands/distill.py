@@ -55,10 +55,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> None:
-    from ..api import load_weights
-    from ..distill import distill, is_distilled_run
     from dataclasses import replace
 
+    from ..api import load_weights
+    from ..distill import distill, is_distilled_run
     from ..distill.files import TEACHER, stored_settings
     from ..distill.settings import default_settings
 

@@ -38,17 +38,25 @@ def is_distilled_run(path: str | Path) -> bool:
     return p.is_dir() and (p / INFO).is_file()
 
 
-def stored_settings(run: str | Path):
-    """The :class:`ddpm.distill.settings.DistillSettings` a run was started with (its distill.json)."""
+def read_info(run: str | Path) -> dict:
+    """A run's distill.json (``settings``, ``teacher``, ...); one clear error if it cannot be read."""
     import json
-
-    from .settings import DistillSettings
 
     path = Path(run) / INFO
     try:
-        return DistillSettings.from_dict(json.loads(path.read_text())["settings"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        info = json.loads(path.read_text())
+        if not isinstance(info.get("settings"), dict) or "teacher" not in info:
+            raise ValueError("no 'settings' or 'teacher'")
+        return info
+    except (OSError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}: not a readable distillation record ({e})") from None
+
+
+def stored_settings(run: str | Path):
+    """The :class:`ddpm.distill.settings.DistillSettings` a run was started with (its distill.json)."""
+    from .settings import DistillSettings
+
+    return DistillSettings.from_dict(read_info(run)["settings"])
 
 
 def save_student(path: Path, model: torch.nn.Module, cfg: Config, kept: tuple[int, ...], phase: int,

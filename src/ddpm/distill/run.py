@@ -19,7 +19,6 @@ import contextlib
 import json
 import signal
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -90,7 +89,7 @@ class _Distiller:
         root = self.run_dir.root
         info_path = root / files.INFO
         if info_path.is_file():
-            info = json.loads(info_path.read_text())
+            info = files.read_info(root)
             old = DistillSettings.from_dict(info["settings"])
             bad = [f"{k}: run {a!r}, now {b!r}" for k, a, b in
                    ((k, getattr(old, k), getattr(self.settings, k)) for k in old.to_dict()) if a != b
@@ -239,8 +238,7 @@ class _Distiller:
             teacher_net, teacher_diff, init = self._teacher_of(0, tcfg, scfg, plist)
             secs = measure_distill_step(teacher_net, teacher_diff, self._parts(scfg, plist[p], init), plist[p],
                                         self.device)
-        src = json.loads((self.run_dir.root / files.INFO).read_text())["teacher"]
-        for line in plan_lines(tcfg, src, plist, secs, done):
+        for line in plan_lines(tcfg, self.teacher_source, plist, secs, done):
             self.log(line)
 
     def _phase(self, parts: TrainParts, teacher, teacher_diff, phase: Phase, batches, s: int, offset: int

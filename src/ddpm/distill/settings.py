@@ -19,8 +19,8 @@ network calls: progressive distillation"):
 - ``ema_decay``: min(teacher's train.ema_decay, 1 - 10 / phase_steps): an average over about a
   tenth of a phase (Salimans & Ho use a short EMA or none), so each phase's result is its
   own last weights, lightly averaged.
-- ``v_warmup``: 4/9 of a phase (1,600 optimiser steps at the default 3,600) of 1:1 distillation (same grid, target = the teacher's
-  clipped x0) before the first halving. An eps teacher's clipped x0 at the top of the chain (alpha ~ 0.0055
+- ``v_warmup``: 4/9 of a phase (1,600 optimiser steps at the default 3,600) of 1:1 distillation
+  (same grid, target = the teacher's clipped x0) before the first halving. An eps teacher's clipped x0 at the top of the chain (alpha ~ 0.0055
   at t = T-1 on digits) is saturated noise (mean |x0| 0.93 at t = 199), so the first halving's
   targets there cannot be fitted (loss 0.72 at t = 199 against 0.02 at t = 105 after a 300-step
   first phase, whose 32-step student scored Frechet distance 11.9 against the teacher's 7.4);
